@@ -1,0 +1,303 @@
+"""Apply a plan to a Hugging Face MoE model in place, reversibly, with real compute savings and counting.
+
+For every MoE block we replace two *instance* forwards (the classes are untouched):
+- the router's: compute the family's scores (adapters), let the token policy pick a per-token prefix of
+  the best experts, and return (logits, weights[T, M], index[T, M]) where dropped slots have index -1;
+- the experts': run only real (token, expert) pairs. When no slot is dropped it calls the stock experts
+  forward as is (whatever `config._experts_implementation` selects), so a full-K plan is bitwise
+  identical to the original model. Otherwise it compacts the pairs, runs the stock experts forward on
+  them as P "tokens" with top-1 each, and scatter-adds the results back, so a dropped slot costs no
+  matmul at all (a zero weight would still cost one).
+
+The fixed policy with native weights calls the stock router with `top_k = K_l`, which reproduces the
+family's own selection order and weights exactly. Leaving the context (or `remove()`) deletes the
+instance overrides and restores the original behaviour bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import MoELayer, find_moe_layers
+from .errors import AllocMoeError
+from .plan import Plan
+from . import policies
+
+_HANDLE_ATTR = "_allocmoe_handle"
+
+
+@dataclass
+class _BatchContext:
+    """Per-forward-call state shared by all MoE layers: which flattened tokens are real (not padding)."""
+
+    valid: torch.Tensor | None = None  # bool [B*S] or None (= all real)
+    depth: int = 0
+
+
+@dataclass
+class _LayerState:
+    layer: MoELayer
+    k: int
+    params: dict
+    pairs_last: int = 0
+    tokens_last: int = 0
+    pairs_total: int = 0
+    tokens_total: int = 0
+    expert_counts: torch.Tensor | None = None  # cumulative pairs per expert
+    dense: bool = True  # set by the router: no slot dropped and no padding in this call
+    valid: torch.Tensor | None = None
+    hist_counts: list = field(default_factory=list)
+
+
+class AppliedPlan:
+    """Handle returned by `apply`: counts, and `remove()` / context manager to undo the patch."""
+
+    def __init__(self, model: nn.Module, plan: Plan, layers: list[MoELayer]):
+        self.model, self.plan, self.layers = model, plan, layers
+        self.ctx = _BatchContext()
+        tp = plan.token_policy
+        self.policy = tp["name"]
+        self.min_k = int(tp.get("min_k", 1))
+        self.states = [
+            _LayerState(layer=l, k=k, params=row) for l, k, row in zip(layers, plan.ks, plan.layers)
+        ]
+        self._hooks: list = []
+        self._saved: list[tuple[nn.Module, str, object]] = []
+        self.active = False
+
+    # --- install / remove ---------------------------------------------------------------------
+    def _override(self, module: nn.Module, fn) -> None:
+        # remember an instance-level forward if one was already there (e.g. another tool's patch)
+        self._saved.append((module, "forward", module.__dict__.get("forward", None)))
+        module.forward = types.MethodType(fn, module)
+
+    def install(self) -> "AppliedPlan":
+        for st in self.states:
+            self._override(st.layer.router, _make_router_forward(self, st))
+            self._override(st.layer.experts, _make_experts_forward(self, st, st.layer.experts.forward))
+        entry_points = {id(self.model): self.model}
+        base = getattr(self.model, "base_model", None)
+        if isinstance(base, nn.Module):
+            entry_points[id(base)] = base
+        for m in entry_points.values():
+            self._hooks.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._hooks.append(m.register_forward_hook(self._post_hook, always_call=True))
+        setattr(self.model, _HANDLE_ATTR, self)
+        self.active = True
+        return self
+
+    def remove(self) -> None:
+        if not self.active:
+            return
+        for h in self._hooks:
+            h.remove()
+        for module, name, old in reversed(self._saved):
+            if old is None:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = old
+        self._hooks.clear()
+        self._saved.clear()
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+        self.active = False
+
+    def __enter__(self) -> "AppliedPlan":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # --- forward hooks: padding mask and per-call counters ----------------------------------------
+    def _pre_hook(self, module, args, kwargs):
+        if self.ctx.depth == 0:
+            for st in self.states:
+                st.pairs_last = st.tokens_last = 0
+            self.ctx.valid = _real_token_mask(args, kwargs)
+        self.ctx.depth += 1
+
+    def _post_hook(self, module, args, output):
+        self.ctx.depth = max(0, self.ctx.depth - 1)
+        if self.ctx.depth == 0:
+            self.ctx.valid = None
+
+    # --- counts -------------------------------------------------------------------------------
+    def reset_counts(self) -> None:
+        for st in self.states:
+            st.pairs_last = st.tokens_last = st.pairs_total = st.tokens_total = 0
+            st.expert_counts = None
+
+    def counts(self) -> dict:
+        """Measured (token, expert) pairs per MoE layer, for the last forward call and cumulatively."""
+        def summary(pairs: list[int], tokens: list[int]) -> dict:
+            n = max(tokens) if tokens else 0
+            return {
+                "tokens": n,
+                "pairs_per_layer": pairs,
+                "activations_per_token_per_layer": [p / t if t else 0.0 for p, t in zip(pairs, tokens)],
+                "activations_per_token": (sum(pairs) / n) if n else 0.0,
+            }
+
+        return {
+            "last": summary([s.pairs_last for s in self.states], [s.tokens_last for s in self.states]),
+            "cumulative": summary([s.pairs_total for s in self.states], [s.tokens_total for s in self.states]),
+            "original_activations_per_token": sum(l.top_k for l in self.layers),
+        }
+
+    def expert_load(self) -> list[list[int]]:
+        """Cumulative pairs per (layer, expert)."""
+        return [
+            (st.expert_counts.tolist() if st.expert_counts is not None else [0] * st.layer.num_experts)
+            for st in self.states
+        ]
+
+
+def _real_token_mask(args, kwargs) -> torch.Tensor | None:
+    mask = kwargs.get("attention_mask")
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or ids is None:
+        return None
+    seq = ids.shape[1]
+    valid = mask[:, -seq:].bool().reshape(-1)
+    return None if bool(valid.all()) else valid
+
+
+# --------------------------------------------------------------------------------------------------
+# router and experts overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def _make_router_forward(handle: AppliedPlan, st: _LayerState):
+    layer = st.layer
+    adapter, router = layer.adapter, layer.router
+    cls_forward = type(router).forward
+    policy, min_k = handle.policy, handle.min_k
+    max_k = int(handle.plan.token_policy.get("max_k") or max(layer.top_k, st.k))
+    renorm = handle.plan.renormalize
+
+    def forward(self, hidden_states, *args, **kwargs):
+        T = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
+        valid = handle.ctx.valid
+        if valid is not None and valid.numel() != T:
+            valid = None  # called outside the model forward we hooked (e.g. a sub-module); all real
+        if policy == "fixed" and renorm == "native":
+            # exact stock behaviour (selection order, weights, dtypes) with top_k = K_l
+            saved = self.top_k
+            self.top_k = st.k
+            try:
+                out = cls_forward(self, hidden_states, *args, **kwargs)
+            finally:
+                self.top_k = saved
+            logits, weights, index = out[0], out[1], out[2]
+            if valid is not None:
+                index = index.masked_fill(~valid.unsqueeze(1), -1)
+        else:
+            scores = adapter.scores(self, hidden_states)
+            logits = scores.logits
+            kk = st.k if policy == "fixed" else max_k
+            vals, ids = policies.sorted_candidates(scores.rank, kk)
+            counts = _policy_counts(policy, vals, ids, scores, st, min_k, valid)
+            if valid is not None:
+                counts = counts.masked_fill(~valid, 0)
+            index = policies.prefix_index(ids, counts)
+            weights = _mix_weights(adapter, self, scores, index, renorm, layer.top_k)
+            weights = weights.to(adapter.weight_dtype(self, hidden_states, logits))
+        st.dense = valid is None and (policy == "fixed")
+        st.valid = valid
+        st.tokens_last += T if valid is None else int(valid.sum())
+        st.tokens_total += T if valid is None else int(valid.sum())
+        return logits, weights, index
+
+    return forward
+
+
+def _policy_counts(policy, vals, ids, scores, st: _LayerState, min_k, valid) -> torch.Tensor:
+    T = vals.shape[0]
+    if policy == "fixed":
+        return torch.full((T,), st.k, dtype=torch.long, device=vals.device)
+    if policy == "global":
+        return policies.global_counts(vals, st.k, min_k, valid)
+    if policy == "threshold":
+        return policies.threshold_counts(vals, float(st.params["threshold"]), min_k)
+    if policy == "top-p":
+        w = scores.weight.masked_fill(~torch.isfinite(scores.rank), 0.0)
+        p = float(st.params.get("p", st.params.get("top_p", 0)))
+        return policies.top_p_counts(w.gather(1, ids), w.sum(dim=-1), p, min_k)
+    if policy == "naee":
+        return policies.naee_counts(vals, float(st.params["beta"]), min_k)
+    raise AllocMoeError(f"unknown token policy {policy!r}")
+
+
+def _mix_weights(adapter, router, scores, index, renorm: str, original_k: int) -> torch.Tensor:
+    """Mixing weights for the kept slots (0 at dropped slots, which are never computed anyway)."""
+    kept = index >= 0
+    w = scores.weight.gather(1, index.clamp(min=0)) * kept
+    scale = adapter.scaling_factor(router)
+    if renorm == "native" and not adapter.renormalises(router):
+        return w * scale
+    if renorm == "keep-mass" and not adapter.renormalises(router):
+        # keep the mass the original top-K would have given this token (arXiv 2609.04575)
+        topk_idx = torch.topk(scores.rank, k=original_k, dim=-1).indices
+        mass_k = scores.weight.gather(1, topk_idx).sum(dim=-1, keepdim=True)
+        return w * (mass_k / (w.sum(dim=-1, keepdim=True) + 1e-20)) * scale
+    # native for renormalising families, 'renorm', and keep-mass for renormalising families (same thing)
+    return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * scale
+
+
+def _make_experts_forward(handle: AppliedPlan, st: _LayerState, stock_forward):
+    E = st.layer.num_experts
+
+    def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+        if st.dense:
+            n_pairs = top_k_index.numel()
+            out = stock_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            flat = top_k_index.reshape(-1)
+        else:
+            tok, slot = (top_k_index >= 0).nonzero(as_tuple=True)
+            flat = top_k_index[tok, slot]
+            n_pairs = flat.numel()
+            out = torch.zeros_like(hidden_states)
+            if n_pairs:
+                # each real pair becomes one "token" routed to one expert: the stock implementation
+                # (grouped_mm / eager / batched_mm) then computes exactly these pairs and nothing else
+                pair_out = stock_forward(
+                    hidden_states[tok], flat.unsqueeze(1), top_k_weights[tok, slot].unsqueeze(1), *args, **kwargs
+                )
+                out.index_add_(0, tok, pair_out.to(out.dtype))
+        st.pairs_last += n_pairs
+        st.pairs_total += n_pairs
+        if COUNT_EXPERTS:
+            c = torch.bincount(flat, minlength=E)
+            st.expert_counts = c if st.expert_counts is None else st.expert_counts + c
+        return out
+
+    return forward
+
+
+# Per-expert load is cheap relative to an expert matmul, but can be turned off for benchmarks.
+COUNT_EXPERTS = os.environ.get("ALLOCMOE_COUNT_EXPERTS", "1") != "0"
+
+
+def apply(model: nn.Module, plan) -> AppliedPlan:
+    """Patch `model`'s routing in place according to `plan` (a Plan, dict or path to plan JSON).
+
+    Returns a handle; use it as a context manager or call `.remove()` to restore the original model.
+    """
+    plan = Plan.load(plan)
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise AllocMoeError("a plan is already applied to this model; remove it first (handle.remove())")
+    layers = find_moe_layers(model)
+    plan.check_model(layers, model)
+    return AppliedPlan(model, plan, layers).install()
+
+
+def applied_plan(model: nn.Module) -> AppliedPlan | None:
+    """The handle of the plan currently applied to `model`, if any."""
+    return getattr(model, _HANDLE_ATTR, None)

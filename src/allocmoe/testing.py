@@ -1,0 +1,69 @@
+"""Tiny random-weight models of every supported family, built from the real transformers config classes.
+
+Used by the test-suite and by `allocmoe` demos. Router weights are scaled up after init: with the
+default init, tiny models route almost uniformly and every selection question becomes a coin toss.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+from .adapters import find_moe_layers
+
+FAMILIES = ["deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "gpt_oss", "granitemoe"]
+
+_COMMON = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: int = 4):
+    c = dict(_COMMON, num_hidden_layers=num_layers)
+    if family.startswith("deepseek"):
+        c["num_key_value_heads"] = c["num_attention_heads"]  # MLA: one latent KV per head
+    if family == "deepseek_v2":
+        return tf.DeepseekV2Config(**c, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=num_experts,
+                                   num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1,
+                                   kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                   v_head_dim=8, routed_scaling_factor=1.0, topk_method="greedy", n_group=1,
+                                   topk_group=1)
+    if family == "deepseek_v3":
+        return tf.DeepseekV3Config(**c, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=num_experts,
+                                   num_experts_per_tok=top_k, n_shared_experts=1, first_k_dense_replace=1,
+                                   kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                   v_head_dim=8, routed_scaling_factor=2.5, n_group=4, topk_group=2,
+                                   norm_topk_prob=True)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**c, intermediate_size=48, moe_intermediate_size=16, num_experts=num_experts,
+                                 num_experts_per_tok=top_k, shared_expert_intermediate_size=32,
+                                 mlp_only_layers=[1], norm_topk_prob=False)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**c, intermediate_size=48, moe_intermediate_size=16, num_experts=num_experts,
+                                 num_experts_per_tok=top_k, norm_topk_prob=True, head_dim=8)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**c, intermediate_size=16, num_experts=num_experts, num_experts_per_tok=top_k)
+    if family == "mixtral":
+        return tf.MixtralConfig(**c, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=top_k)
+    if family == "gpt_oss":
+        return tf.GptOssConfig(**c, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=top_k,
+                               head_dim=8, sliding_window=16,
+                               layer_types=(["sliding_attention", "full_attention"] * num_layers)[:num_layers])
+    if family == "granitemoe":
+        return tf.GraniteMoeConfig(**c, intermediate_size=16, num_local_experts=num_experts,
+                                   num_experts_per_tok=top_k)
+    raise ValueError(f"unknown family {family}")
+
+
+def tiny_model(family: str, seed: int = 0, router_scale: float = 8.0, **kw) -> torch.nn.Module:
+    """A tiny random model in eval mode with sharpened routers (deterministic for a seed)."""
+    cfg = tiny_config(family, **kw)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for layer in find_moe_layers(model):
+            w = layer.router.weight
+            w.normal_(0, router_scale / w.shape[1] ** 0.5)
+            bias = getattr(layer.router, "e_score_correction_bias", None)
+            if bias is not None:
+                bias.uniform_(-0.1, 0.1)
+    return model.eval()
