@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,20 +51,21 @@ class _LayerState:
     expert_counts: torch.Tensor | None = None  # cumulative pairs per expert
     dense: bool = True  # set by the router: no slot dropped and no padding in this call
     valid: torch.Tensor | None = None
-    hist_counts: list = field(default_factory=list)
+    last_index: torch.Tensor | None = None
 
 
 class AppliedPlan:
     """Handle returned by `apply`: counts, and `remove()` / context manager to undo the patch."""
 
-    def __init__(self, model: nn.Module, plan: Plan, layers: list[MoELayer]):
+    def __init__(self, model: nn.Module, plan: Plan, layers: list[MoELayer], record: bool = False):
         self.model, self.plan, self.layers = model, plan, layers
+        self.record = record  # keep each layer's last selected index [T, M] (tests, analysis)
         self.ctx = _BatchContext()
         tp = plan.token_policy
         self.policy = tp["name"]
         self.min_k = int(tp.get("min_k", 1))
         self.states = [
-            _LayerState(layer=l, k=k, params=row) for l, k, row in zip(layers, plan.ks, plan.layers)
+            _LayerState(layer=l, k=k, params={**tp, **row}) for l, k, row in zip(layers, plan.ks, plan.layers)
         ]
         self._hooks: list = []
         self._saved: list[tuple[nn.Module, str, object]] = []
@@ -209,6 +210,8 @@ def _make_router_forward(handle: AppliedPlan, st: _LayerState):
             index = policies.prefix_index(ids, counts)
             weights = _mix_weights(adapter, self, scores, index, renorm, layer.top_k)
             weights = weights.to(adapter.weight_dtype(self, hidden_states, logits))
+        if handle.record:
+            st.last_index = index
         st.dense = valid is None and (policy == "fixed")
         st.valid = valid
         st.tokens_last += T if valid is None else int(valid.sum())
@@ -228,7 +231,7 @@ def _policy_counts(policy, vals, ids, scores, st: _LayerState, min_k, valid) -> 
         return policies.threshold_counts(vals, float(st.params["threshold"]), min_k)
     if policy == "top-p":
         w = scores.weight.masked_fill(~torch.isfinite(scores.rank), 0.0)
-        p = float(st.params.get("p", st.params.get("top_p", 0)))
+        p = float(st.params["p"])
         return policies.top_p_counts(w.gather(1, ids), w.sum(dim=-1), p, min_k)
     if policy == "naee":
         return policies.naee_counts(vals, float(st.params["beta"]), min_k)
@@ -285,7 +288,7 @@ def _make_experts_forward(handle: AppliedPlan, st: _LayerState, stock_forward):
 COUNT_EXPERTS = os.environ.get("ALLOCMOE_COUNT_EXPERTS", "1") != "0"
 
 
-def apply(model: nn.Module, plan) -> AppliedPlan:
+def apply(model: nn.Module, plan, *, record: bool = False) -> AppliedPlan:
     """Patch `model`'s routing in place according to `plan` (a Plan, dict or path to plan JSON).
 
     Returns a handle; use it as a context manager or call `.remove()` to restore the original model.
@@ -295,7 +298,7 @@ def apply(model: nn.Module, plan) -> AppliedPlan:
         raise AllocMoeError("a plan is already applied to this model; remove it first (handle.remove())")
     layers = find_moe_layers(model)
     plan.check_model(layers, model)
-    return AppliedPlan(model, plan, layers).install()
+    return AppliedPlan(model, plan, layers, record=record).install()
 
 
 def applied_plan(model: nn.Module) -> AppliedPlan | None:
