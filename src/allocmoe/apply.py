@@ -44,6 +44,7 @@ class _LayerState:
     layer: MoELayer
     k: int
     params: dict
+    renorm: str = "native"
     pairs_last: int = 0
     tokens_last: int = 0
     pairs_total: int = 0
@@ -65,7 +66,8 @@ class AppliedPlan:
         self.policy = tp["name"]
         self.min_k = int(tp.get("min_k", 1))
         self.states = [
-            _LayerState(layer=l, k=k, params={**tp, **row}) for l, k, row in zip(layers, plan.ks, plan.layers)
+            _LayerState(layer=l, k=k, params={**tp, **row}, renorm=plan.renormalize)
+            for l, k, row in zip(layers, plan.ks, plan.layers)
         ]
         self._hooks: list = []
         self._saved: list[tuple[nn.Module, str, object]] = []
@@ -181,13 +183,13 @@ def _make_router_forward(handle: AppliedPlan, st: _LayerState):
     cls_forward = type(router).forward
     policy, min_k = handle.policy, handle.min_k
     max_k = int(handle.plan.token_policy.get("max_k") or max(layer.top_k, st.k))
-    renorm = handle.plan.renormalize
 
     def forward(self, hidden_states, *args, **kwargs):
         T = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
         valid = handle.ctx.valid
         if valid is not None and valid.numel() != T:
             valid = None  # called outside the model forward we hooked (e.g. a sub-module); all real
+        renorm = st.renorm  # read per call: profiling changes k and renorm of one layer at a time
         if policy == "fixed" and renorm == "native":
             # exact stock behaviour (selection order, weights, dtypes) with top_k = K_l
             saved = self.top_k

@@ -1,0 +1,257 @@
+"""Alloc-L sensitivity profiling: how much quality drops when MoE layer l alone runs top-k.
+
+S[l][k] for k in k_values, with every other layer at its original K, measured on calibration windows
+against the unmodified model, with two metrics computed in the same pass:
+  loss  mean increase of next-token NLL on the calibration text,
+  kl    mean KL(p_full || p_candidate) of the next-token distributions.
+
+Cost. The naive method runs a full forward for every (layer, k). The hidden states entering the
+decoder layer that holds MoE layer l do not depend on k, so per calibration batch we run the full
+model once (the reference, caching every decoder layer's output) and, for each candidate, replace
+decoder layers before l by their cached outputs: only layers l..end (+ head) run again. k = K under
+native weights is the reference itself (bitwise, see apply.py), so its row entry is 0 without a run.
+
+Streaming and resume. Batches are processed one at a time; memory is bounded by one batch's
+activations, its cached decoder outputs (num_decoder_layers x batch x seq x hidden) and its reference
+log-probs (batch x seq x vocab). After every batch the float64 accumulators are written atomically
+to `<out>.partial.json`; `resume=True` continues from there and, because the accumulation order is
+the same, yields a byte-identical profile.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapters import find_moe_layers
+from .apply import apply
+from .data import fingerprint_tokens
+from .errors import FileFormatError, ProfileError
+from .io import atomic_write_json, load_json
+from .plan import check_fingerprint, fingerprint, full_plan
+
+PROFILE_FORMAT = "allocmoe-profile"
+PROFILE_VERSION = 1
+METRICS = ("kl", "loss")
+
+
+@dataclass
+class Profile:
+    k_values: list[int]
+    sensitivity: list[list[float]]  # [num_moe_layers][len(k_values)], lower is better
+    metric: str
+    tokens: int  # scored next-token predictions
+    model: dict  # plan.fingerprint()
+    data: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)  # every metric's matrix, same layout
+    settings: dict = field(default_factory=dict)
+    version: int = PROFILE_VERSION
+
+    def to_dict(self) -> dict:
+        return {"format": PROFILE_FORMAT, "version": self.version, "metric": self.metric,
+                "k_values": self.k_values, "sensitivity": self.sensitivity, "tokens": self.tokens,
+                "metrics": self.metrics, "data": self.data, "settings": self.settings, "model": self.model}
+
+    def save(self, path) -> None:
+        atomic_write_json(path, self.to_dict())
+
+    def with_metric(self, metric: str) -> "Profile":
+        if metric not in self.metrics:
+            raise ProfileError(f"profile has no {metric!r} matrix (has {', '.join(self.metrics)})")
+        return Profile(self.k_values, self.metrics[metric], metric, self.tokens, self.model, self.data,
+                       self.metrics, self.settings)
+
+    @classmethod
+    def from_dict(cls, d, source="profile") -> "Profile":
+        if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
+            raise ProfileError(f"{source} is not an allocmoe profile (no \"format\": \"{PROFILE_FORMAT}\")")
+        if d.get("version") != PROFILE_VERSION:
+            raise ProfileError(f"{source} has unknown profile version {d.get('version')!r} "
+                               f"(this allocmoe reads version {PROFILE_VERSION})")
+        for key in ("k_values", "sensitivity", "model", "metric"):
+            if key not in d:
+                raise ProfileError(f"{source} has no {key!r} field")
+        ks, S = d["k_values"], d["sensitivity"]
+        if not isinstance(ks, list) or not ks or not all(isinstance(k, int) and k >= 1 for k in ks) \
+                or ks != sorted(set(ks)):
+            raise ProfileError(f"{source}: 'k_values' must be a non-empty ascending list of positive integers")
+        if not isinstance(S, list) or not S or any(not isinstance(r, list) or len(r) != len(ks) for r in S):
+            raise ProfileError(f"{source}: 'sensitivity' must have one row of {len(ks)} values per MoE layer")
+        if any(not isinstance(v, (int, float)) or not math.isfinite(v) for r in S for v in r):
+            raise ProfileError(f"{source}: 'sensitivity' holds a non-numeric or non-finite value")
+        n = d["model"].get("num_moe_layers") if isinstance(d["model"], dict) else None
+        if n is not None and n != len(S):
+            raise ProfileError(f"{source}: {len(S)} sensitivity rows but the model fingerprint has {n} MoE layers")
+        return cls(ks, S, d["metric"], int(d.get("tokens", 0)), d["model"], d.get("data", {}),
+                   d.get("metrics", {d["metric"]: S}), d.get("settings", {}), d["version"])
+
+    @classmethod
+    def load(cls, src) -> "Profile":
+        if isinstance(src, Profile):
+            return src
+        if isinstance(src, dict):
+            return cls.from_dict(src)
+        try:
+            d = load_json(src, "profile file")
+        except FileFormatError as e:
+            raise ProfileError(str(e)) from None
+        return cls.from_dict(d, source=f"profile {src}")
+
+    def check_model(self, model: nn.Module) -> None:
+        check_fingerprint(self.model, fingerprint(find_moe_layers(model), model), what="profile")
+
+
+# ------------------------------------------------------------------------------------------------
+# decoder-layer caching
+
+
+def _decoder_layers(model: nn.Module, layers) -> tuple[list[nn.Module], list[int]]:
+    """The decoder ModuleList (found from the MoE block paths) and each MoE layer's decoder index."""
+    m = re.match(r"^(.*)\.(\d+)\.[^.]+$", layers[0].name)
+    if not m:
+        raise ProfileError(f"cannot locate the decoder layer list from MoE block path {layers[0].name}")
+    stack = model.get_submodule(m.group(1))
+    idx = []
+    for l in layers:
+        mm = re.match(rf"^{re.escape(m.group(1))}\.(\d+)\.", l.name)
+        if not mm:
+            raise ProfileError(f"MoE block {l.name} is not inside {m.group(1)}")
+        idx.append(int(mm.group(1)))
+    return list(stack), idx
+
+
+class _Cache:
+    """Capture every decoder layer's output in one pass, then replay the first d of them."""
+
+    def __init__(self, decoder: list[nn.Module]):
+        self.decoder = decoder
+        self.outputs: list = [None] * len(decoder)
+
+    def capture(self):
+        hooks = []
+        for i, layer in enumerate(self.decoder):
+            def hook(mod, args, out, i=i):
+                self.outputs[i] = out
+            hooks.append(layer.register_forward_hook(hook))
+        return hooks
+
+    def replay_before(self, d: int):
+        """Make decoder layers 0..d-1 return their cached outputs instead of computing."""
+        for i in range(d):
+            out = self.outputs[i]
+            self.decoder[i].forward = types.MethodType(lambda self, *a, _o=out, **k: _o, self.decoder[i])
+
+    def restore(self, d: int):
+        for i in range(d):
+            self.decoder[i].__dict__.pop("forward", None)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _batch_metrics(logits: torch.Tensor, ref_logp: torch.Tensor, ref_nll: torch.Tensor,
+                   targets: torch.Tensor) -> tuple[float, float]:
+    """Summed (NLL increase, KL(full || candidate)) over all scored positions of a batch, in float64."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return float((nll.double() - ref_nll.double()).sum()), float(kl.double().sum())
+
+
+def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_min: int = 1,
+            k_max: int | None = None, batch_size: int = 8, renormalize: str = "native", cached: bool = True,
+            out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
+            data_info: dict | None = None) -> Profile:
+    """Profile every MoE layer of `model` on token `windows` [N, seq_len] (see module docstring)."""
+    if metric not in METRICS:
+        raise ProfileError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
+    layers = find_moe_layers(model)
+    K = max(l.top_k for l in layers)
+    k_max = K if k_max is None else k_max
+    if not (1 <= k_min <= k_max <= min(l.num_experts for l in layers)):
+        raise ProfileError(f"invalid k range [{k_min}, {k_max}]: need 1 <= k_min <= k_max <= number of experts")
+    k_values = list(range(k_min, k_max + 1))
+    L, nk = len(layers), len(k_values)
+    decoder, dec_idx = _decoder_layers(model, layers)
+    settings = {"k_min": k_min, "k_max": k_max, "batch_size": batch_size, "seq_len": int(windows.shape[1]),
+                "windows": int(windows.shape[0]), "renormalize": renormalize, "cached": cached}
+    data = dict(data_info or {}, fingerprint=fingerprint_tokens(windows))
+    fp = fingerprint(layers, model)
+
+    # accumulators (float64 python floats, summed in a fixed order -> resumable bit for bit)
+    acc = {"loss": [[0.0] * nk for _ in range(L)], "kl": [[0.0] * nk for _ in range(L)]}
+    tokens, start = 0, 0
+    partial = Path(str(out) + ".partial.json") if out else None
+    run_key = {"settings": {k: v for k, v in settings.items() if k != "cached"}, "data": data, "model": fp}
+    if resume and partial is not None and partial.exists():
+        st = load_json(partial, "partial profile")
+        if st.get("run") != run_key:
+            raise ProfileError(f"{partial} belongs to a different profiling run (other model, data or "
+                               "settings); delete it or run without --resume")
+        acc, tokens, start = st["acc"], st["tokens"], st["batches_done"]
+
+    n_batches = math.ceil(windows.shape[0] / batch_size)
+    # skip (l, K) under native weights: it *is* the reference model
+    todo = [(l, j) for l in range(L) for j, k in enumerate(k_values)
+            if not (k == layers[l].top_k and renormalize == "native")]
+    bar = tqdm(total=(n_batches - start) * len(todo), disable=not progress, desc="profiling", unit="cand",
+               dynamic_ncols=True)
+    cache = _Cache(decoder)
+    handle = apply(model, full_plan(model))
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            for b in range(start, n_batches):
+                x = windows[b * batch_size:(b + 1) * batch_size]
+                targets = x[:, 1:]
+                hooks = cache.capture() if cached else []
+                try:
+                    ref = model(x, use_cache=False).logits
+                finally:
+                    for h in hooks:
+                        h.remove()
+                ref_logp = F.log_softmax(ref[:, :-1].float(), dim=-1)
+                ref_nll = -ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                del ref
+                for l, j in todo:
+                    st = handle.states[l]
+                    st.k, st.renorm = k_values[j], renormalize
+                    d = dec_idx[l] if cached else 0
+                    cache.replay_before(d)
+                    try:
+                        logits = model(x, use_cache=False).logits
+                    finally:
+                        cache.restore(d)
+                        st.k, st.renorm = layers[l].top_k, "native"
+                    dl, dk = _batch_metrics(logits, ref_logp, ref_nll, targets)
+                    acc["loss"][l][j] += dl
+                    acc["kl"][l][j] += dk
+                    bar.update(1)
+                tokens += targets.numel()
+                cache.outputs = [None] * len(decoder)
+                if partial is not None:
+                    atomic_write_json(partial, {"run": run_key, "batches_done": b + 1, "tokens": tokens,
+                                                "acc": acc})
+    finally:
+        handle.remove()
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    mats = {m: [[v / tokens for v in row] for row in acc[m]] for m in METRICS}
+    prof = Profile(k_values, mats[metric], metric, tokens, fp, data, mats, settings)
+    prof.elapsed_s = elapsed  # not serialised: the profile file is deterministic
+    if out is not None:
+        prof.save(out)
+        if partial is not None and partial.exists():
+            partial.unlink()
+    return prof
