@@ -9,3 +9,5 @@ from .errors import (  # noqa: E402
 from .adapters import find_moe_layers  # noqa: E402
 from .plan import Plan, full_plan, make_plan  # noqa: E402
 from .apply import AppliedPlan, applied_plan, apply  # noqa: E402
+from .profile import Profile, profile  # noqa: E402
+from .planning import allocate  # noqa: E402

@@ -13,7 +13,7 @@ from .adapters import find_moe_layers
 
 FAMILIES = ["deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "gpt_oss", "granitemoe"]
 
-_COMMON = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+_COMMON = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
@@ -67,3 +67,26 @@ def tiny_model(family: str, seed: int = 0, router_scale: float = 8.0, **kw) -> t
             if bias is not None:
                 bias.uniform_(-0.1, 0.1)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer (99 ids) matching the tiny models' vocabulary, built offline."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny(family: str, path, **kw) -> str:
+    """Save a tiny model + tokenizer as a standard Hugging Face directory (for CLI tests)."""
+    model = tiny_model(family, **kw)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)

@@ -1,0 +1,124 @@
+"""Calibrating the token policies whose per-token expert count varies (threshold, top-p, naee).
+
+Each policy has a knob (tau_l per layer, one p, one beta) that sets the *average* number of experts
+per token. We record the routers' sorted scores on calibration text, solve for the knob on the
+recorded scores, then re-record with the calibrated plan applied (later layers see the changed hidden
+states) and repeat until the measured activations per token are within `tol` of the target.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import policies
+from .apply import apply
+from .errors import AllocMoeError
+from .plan import Plan
+
+
+def _record(model: nn.Module, plan: Plan, windows: torch.Tensor, batch_size: int, max_k: int, progress: bool):
+    """Run `plan` over the windows; return per-layer sorted top-max_k rank scores, top-p inputs, and counts."""
+    handle = apply(model, plan)
+    recs = [{"vals": [], "wvals": [], "wsum": []} for _ in handle.states]
+    hooks = []
+    for st, rec in zip(handle.states, recs):
+        layer = st.layer
+
+        def hook(mod, args, out, layer=layer, rec=rec):
+            s = layer.adapter.scores(mod, args[0])
+            vals, ids = policies.sorted_candidates(s.rank, max_k)
+            w = s.weight.masked_fill(~torch.isfinite(s.rank), 0.0)
+            rec["vals"].append(vals)
+            rec["wvals"].append(w.gather(1, ids))
+            rec["wsum"].append(w.sum(-1))
+
+        hooks.append(layer.router.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for b in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="calibrating",
+                          leave=False):
+                model(windows[b:b + batch_size], use_cache=False)
+        counts = handle.counts()["cumulative"]
+    finally:
+        for h in hooks:
+            h.remove()
+        handle.remove()
+    return [{k: torch.cat(v) for k, v in r.items()} for r in recs], counts
+
+
+def _solve_monotone(f, lo: float, hi: float, target: float, increasing: bool, iters: int = 60) -> float:
+    """Bisection for x in [lo, hi] with f(x) ~= target, f monotone."""
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if (f(mid) < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _tau_for(vals: torch.Tensor, k: float, min_k: int) -> float:
+    """Threshold whose mean clamped count is closest to k (mean count is non-increasing in tau)."""
+    cand = torch.unique(vals[torch.isfinite(vals)])
+    lo, hi = 0, len(cand) - 1
+    f = lambda i: float(policies.threshold_counts(vals, float(cand[i]), min_k).float().mean())  # noqa: E731
+    while lo < hi:  # smallest index i with f(i) <= k
+        mid = (lo + hi) // 2
+        if f(mid) <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min((i for i in (lo - 1, lo) if 0 <= i < len(cand)), key=lambda i: abs(f(i) - k))
+    return float(cand[best])
+
+
+def calibrate(model: nn.Module, plan: Plan, windows: torch.Tensor, *, batch_size: int = 8, tol: float = 0.005,
+              max_rounds: int = 5, progress: bool = True) -> Plan:
+    """Fill in the policy parameters of `plan` (threshold / top-p / naee) so it meets its budget on average."""
+    name = plan.policy
+    if name not in ("threshold", "top-p", "naee"):
+        return plan
+    max_k = int(plan.token_policy.get("max_k") or max(plan.original_ks))
+    min_k = int(plan.token_policy.get("min_k", 1))
+    target = sum(plan.ks)
+    d = plan.to_dict()
+    # start from a neutral guess so the first recording is the plan-free model
+    for row in d["layers"]:
+        row.pop("threshold", None)
+    cur = Plan.from_dict({**d, "token_policy": {"name": "fixed"}, "layers": [
+        {**r, "k": orig} for r, orig in zip(d["layers"], plan.original_ks)]})
+    measured = None
+    for rnd in range(max_rounds):
+        recs, counts = _record(model, cur, windows, batch_size, max_k, progress)
+        if rnd > 0:
+            measured = counts["activations_per_token"]
+            if abs(measured - target) <= tol * target:
+                break
+        if name == "threshold":
+            for row, rec, k in zip(d["layers"], recs, plan.ks):
+                row["threshold"] = _tau_for(rec["vals"], k, min_k)
+        else:
+            def mean_total(x):
+                tot = 0.0
+                for rec in recs:
+                    if name == "top-p":
+                        c = policies.top_p_counts(rec["wvals"], rec["wsum"], x, min_k)
+                    else:
+                        c = policies.naee_counts(rec["vals"], x, min_k)
+                    tot += float(c.float().mean())
+                return tot
+            key = "p" if name == "top-p" else "beta"
+            d["token_policy"][key] = _solve_monotone(mean_total, 0.0, 1.0, target, increasing=(name == "top-p"))
+        cur = Plan.from_dict(d)
+    if measured is None or abs(measured - target) > tol * target:
+        _, counts = _record(model, cur, windows, batch_size, max_k, progress)
+        measured = counts["activations_per_token"]
+    if abs(measured - target) > 0.01 * target:
+        raise AllocMoeError(f"could not calibrate the {name} policy to {target} activations/token "
+                            f"(got {measured:.3f} after {max_rounds} rounds); try more calibration text")
+    cur.meta["calibration"] = {"target_activations_per_token": target, "measured_activations_per_token": measured,
+                               "tokens": int(windows.numel())}
+    cur.budget = dict(cur.compute_budget(), measured_on_calibration=round(measured, 4))
+    return cur

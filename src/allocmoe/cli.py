@@ -1,0 +1,190 @@
+"""The `allocmoe` command line. Every command: --help, progress on stderr, exit 0 on success and a
+one-line `error: ...` with exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import AllocMoeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Run a Mixture-of-Experts model under an expert-activation budget (Alloc-MoE).")
+err = Console(stderr=True)
+out = Console()
+
+MODEL_HELP = "Local Hugging Face model directory or hub id (default: the built-in model)."
+ModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP)
+ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output file.")
+
+
+def _out_path(path: Path, force: bool) -> Path:
+    from .io import check_can_write
+
+    check_can_write(path, force)
+    return path
+
+
+def _windows(model_tok, data, tokens, seq_len, split="calibration"):
+    from .data import read_texts, token_windows
+
+    texts, names = read_texts(data, split)
+    name = names[0] if len(names) == 1 else f"{len(names)} text files"
+    return token_windows(model_tok, texts, seq_len, tokens, name=name), names
+
+
+@app.command()
+def info(model: Optional[str] = ModelOpt, as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")):
+    """Architecture, MoE layers, experts, top-k, shared experts and parameter counts of a model."""
+    from .adapters import find_moe_layers
+    from .models import load_skeleton, parameter_counts
+
+    m, path = load_skeleton(model)
+    layers = find_moe_layers(m)
+    cfg = m.config
+    params = parameter_counts(m, layers)
+    experts = sorted({l.num_experts for l in layers})
+    topk = sorted({l.top_k for l in layers})
+    d = {
+        "path": path,
+        "architecture": (getattr(cfg, "architectures", None) or [type(m).__name__])[0],
+        "model_type": cfg.model_type,
+        "family": layers[0].adapter.name,
+        "decoder_layers": getattr(cfg, "num_hidden_layers", None),
+        "moe_layers": len(layers),
+        "moe_layer_names": [l.name for l in layers],
+        "dense_layers": (getattr(cfg, "num_hidden_layers", len(layers)) or len(layers)) - len(layers),
+        "num_experts": experts[0] if len(experts) == 1 else [l.num_experts for l in layers],
+        "top_k": topk[0] if len(topk) == 1 else [l.top_k for l in layers],
+        "shared_experts": layers[0].shared_experts,
+        "activations_per_token": sum(l.top_k for l in layers),
+        "routing": layers[0].adapter.describe(layers[0].router),
+        "parameters": params,
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+    }
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    t = Table(show_header=False, box=None)
+    for k in ("path", "architecture", "family", "decoder_layers", "moe_layers", "dense_layers", "num_experts",
+              "top_k", "shared_experts", "activations_per_token", "hidden_size", "vocab_size"):
+        t.add_row(k, str(d[k]))
+    t.add_row("parameters", f"{params['total']:,} total, {params['routed_experts']:,} in routed experts, "
+                            f"{params['active_per_token']:,} active per token")
+    t.add_row("routing", ", ".join(f"{k}={v}" for k, v in d["routing"].items()))
+    out.print(t)
+
+
+@app.command()
+def profile(
+    model: Optional[str] = ModelOpt,
+    out_path: Path = typer.Option(..., "--out", "-o", help="Profile JSON to write."),
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="Calibration text file(s) (default: built-in calibration split)."),
+    tokens: int = typer.Option(16384, help="Calibration tokens (whole windows)."),
+    seq_len: int = typer.Option(256, help="Window length in tokens."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    metric: str = typer.Option("kl", help="Metric the 'sensitivity' matrix holds: kl or loss (both are stored)."),
+    k_min: int = typer.Option(1, help="Smallest candidate k."),
+    k_max: Optional[int] = typer.Option(None, help="Largest candidate k (default: the model's top-k)."),
+    renormalize: str = typer.Option("native", help="Weights of the kept experts: native, renorm or keep-mass."),
+    naive: bool = typer.Option(False, "--naive", help="Run full forwards per candidate (slow; for comparison)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from <out>.partial.json."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
+    force: bool = ForceOpt,
+):
+    """Measure each MoE layer's sensitivity to running fewer experts (Alloc-L profiling)."""
+    import time
+
+    from .models import load_model
+    from .profile import profile as run_profile
+
+    _out_path(out_path, force or resume)
+    m, tok, path = load_model(model, dtype)
+    w, names = _windows(tok, data, tokens, seq_len)
+    err.print(f"profiling {path} on {w.numel():,} tokens ({w.shape[0]} windows of {seq_len})")
+    t0 = time.perf_counter()
+    p = run_profile(m, w, metric=metric, k_min=k_min, k_max=k_max, batch_size=batch_size, renormalize=renormalize,
+                    cached=not naive, out=out_path, resume=resume, data_info={"files": names})
+    err.print(f"wrote {out_path} ({time.perf_counter() - t0:.1f} s, metric={p.metric})")
+
+
+@app.command()
+def allocate(
+    out_path: Path = typer.Option(..., "--out", "-o", help="Plan JSON to write."),
+    budget: str = typer.Option(..., "--budget", "-b", help="Fraction of the original budget (0.5) or integer activations per token (24)."),
+    profile_path: Optional[Path] = typer.Option(None, "--profile", "-p", help="Profile JSON (needed by dp and greedy)."),
+    model: Optional[str] = ModelOpt,
+    method: str = typer.Option("dp", help="dp (needs --profile), greedy (needs --profile), uniform, random, lexi."),
+    token_policy: str = typer.Option("fixed", help="fixed, global, threshold, top-p or naee (the last three are calibrated on text)."),
+    renormalize: str = typer.Option("native", help="native, renorm or keep-mass."),
+    min_k: int = typer.Option(1, help="Fewest experts per token (global/threshold/top-p/naee)."),
+    max_k: Optional[int] = typer.Option(None, help="Most experts per token (default: the model's top-k)."),
+    seed: int = typer.Option(0, help="Seed for method=random and lexi."),
+    metric: Optional[str] = typer.Option(None, help="Use this metric's matrix from the profile (kl or loss)."),
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="Calibration text for calibrated token policies."),
+    tokens: int = typer.Option(8192, help="Calibration tokens for calibrated token policies."),
+    seq_len: int = typer.Option(256, help="Window length for calibration."),
+    force: bool = ForceOpt,
+):
+    """Choose per-layer expert counts that meet a budget, and write a plan."""
+    from .models import load_model, load_skeleton
+    from .planning import NEEDS_PROFILE, allocate as run_allocate
+    from .profile import Profile
+
+    _out_path(out_path, force)
+    if method in NEEDS_PROFILE and profile_path is None:
+        raise AllocMoeError(f"method {method!r} needs --profile (run `allocmoe profile` first), "
+                            "or use --method uniform/random/lexi")
+    prof = Profile.load(profile_path) if profile_path else None
+    if prof is not None and metric:
+        prof = prof.with_metric(metric)
+    calibrated = token_policy in ("threshold", "top-p", "naee")
+    m = tok = windows = None
+    if calibrated or method == "lexi" or (prof is None) or model is not None:
+        if calibrated or method == "lexi":
+            m, tok, _ = load_model(model)
+        else:
+            m, _ = load_skeleton(model)
+    if calibrated:
+        windows, _ = _windows(tok, data, tokens, seq_len)
+    tp = {"name": token_policy, "min_k": min_k}
+    if max_k is not None:
+        tp["max_k"] = max_k
+    plan = run_allocate(prof if prof is not None else m, budget, method, model=m, token_policy=tp,
+                        renormalize=renormalize, seed=seed, windows=windows)
+    plan.save(out_path)
+    b = plan.budget
+    err.print(f"wrote {out_path}: {method} + {token_policy}, k per layer {plan.ks}, "
+              f"{b['activations_per_token']} of {b['original_activations_per_token']} activations/token "
+              f"({b['fraction']:.3f})")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except AllocMoeError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors etc.
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
