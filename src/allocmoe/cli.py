@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import AllocMoeError
+from .models import load_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run a Mixture-of-Experts model under an expert-activation budget (Alloc-MoE).")
@@ -102,7 +103,6 @@ def profile(
     """Measure each MoE layer's sensitivity to running fewer experts (Alloc-L profiling)."""
     import time
 
-    from .models import load_model
     from .profile import profile as run_profile
 
     _out_path(out_path, force or resume)
@@ -134,7 +134,7 @@ def allocate(
     force: bool = ForceOpt,
 ):
     """Choose per-layer expert counts that meet a budget, and write a plan."""
-    from .models import load_model, load_skeleton
+    from .models import load_skeleton
     from .planning import NEEDS_PROFILE, allocate as run_allocate
     from .profile import Profile
 
@@ -164,6 +164,142 @@ def allocate(
     err.print(f"wrote {out_path}: {method} + {token_policy}, k per layer {plan.ks}, "
               f"{b['activations_per_token']} of {b['original_activations_per_token']} activations/token "
               f"({b['fraction']:.3f})")
+
+
+@app.command("eval")
+def eval_cmd(
+    out_path: Path = typer.Option(..., "--out", "-o", help="eval JSON to write."),
+    model: Optional[str] = ModelOpt,
+    plan: Optional[Path] = typer.Option(None, "--plan", "-p", help="Plan JSON to apply (default: the full model)."),
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="Text file(s) for perplexity (default: built-in validation split)."),
+    task: Optional[List[Path]] = typer.Option(None, "--task", help="BIG-bench-style JSON task(s) (default: the shipped tasks)."),
+    seq_len: int = typer.Option(256, help="Window length in tokens (non-overlapping windows)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Cap on scored tokens for perplexity."),
+    batch_size: int = typer.Option(8, help="Windows per forward pass."),
+    max_examples: Optional[int] = typer.Option(None, help="Cap on examples per task."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
+    force: bool = ForceOpt,
+):
+    """Perplexity, bits per byte and task accuracy, with a plan applied, and the activations that really ran."""
+    from .data import read_texts
+    from .evaluate import load_task
+    from .io import atomic_write_json
+    from .plan import Plan
+    from .run import RunSettings, evaluate_config, shipped_tasks
+
+    _out_path(out_path, force)
+    p = Plan.load(plan) if plan else None
+    m, tok, path = load_model(model, dtype)
+    texts, names = read_texts(data, "validation")
+    tasks = [load_task(t) for t in (task or shipped_tasks())]
+    s = RunSettings(eval_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, task_examples=max_examples)
+    err.print(f"evaluating {path}" + (f" with plan {plan}" if plan else " (full model)"))
+    r = evaluate_config(m, tok, p, texts, tasks, s)
+    r = dict(r, model=path, plan=str(plan) if plan else None, data=names, seq_len=seq_len)
+    atomic_write_json(out_path, r)
+    err.print(f"perplexity {r['perplexity']:.3f}, bits/byte {r['bits_per_byte']:.4f}, "
+              f"activations/token {r['activations_per_token']:.3f}"
+              + "".join(f", {n} acc {t['accuracy']:.3f}" for n, t in r["tasks"].items()))
+
+
+@app.command()
+def run(
+    model: Optional[str] = ModelOpt,
+    out_dir: Path = typer.Option(Path("allocmoe-run"), "--out", "-o", help="Directory for results.json, report.md, plots."),
+    budgets: str = typer.Option("0.25,0.5,0.75", help="Comma-separated budgets (fractions of the original)."),
+    metric: str = typer.Option("kl", help="Profiling metric used by Alloc-L: kl or loss."),
+    renormalize: str = typer.Option("native", help="native, renorm or keep-mass."),
+    calibration_tokens: int = typer.Option(16384, help="Tokens for sensitivity profiling."),
+    eval_tokens: int = typer.Option(32768, help="Validation tokens per configuration."),
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="Validation text file(s)."),
+    calibration_data: Optional[List[Path]] = typer.Option(None, "--calibration-data", help="Calibration text file(s)."),
+    task: Optional[List[Path]] = typer.Option(None, "--task", help="Task JSON file(s) (default: shipped tasks)."),
+    task_examples: Optional[int] = typer.Option(None, help="Cap on examples per task."),
+    seq_len: int = typer.Option(256, help="Window length in tokens."),
+    no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty output directory."),
+):
+    """The main job: profile, allocate with every method at each budget, evaluate, benchmark, report."""
+    from .run import RunSettings, run as run_job
+
+    try:
+        bl = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise AllocMoeError(f"--budgets must be comma-separated fractions like 0.25,0.5, got {budgets!r}") from None
+    if not bl or any(not 0 < b <= 1 for b in bl):
+        raise AllocMoeError(f"--budgets must be fractions in (0, 1], got {budgets!r}")
+    s = RunSettings(budgets=bl, metric=metric, renormalize=renormalize, calibration_tokens=calibration_tokens,
+                    eval_tokens=eval_tokens, seq_len=seq_len, task_examples=task_examples,
+                    tasks=[str(t) for t in task] if task else None, data=[str(d) for d in data] if data else None,
+                    calibration_data=[str(d) for d in calibration_data] if calibration_data else None,
+                    speed=not no_speed)
+    run_job(model, out_dir, s, force=force, dtype=dtype)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue."),
+    model: Optional[str] = ModelOpt,
+    plan: Optional[Path] = typer.Option(None, "--plan", "-p", help="Plan JSON to apply (default: the full model)."),
+    max_new_tokens: int = typer.Option(48, help="Tokens to generate."),
+    sample: bool = typer.Option(False, "--sample", help="Sample (temperature 0.8, top-p 0.95) instead of greedy."),
+    seed: int = typer.Option(0, help="Seed for sampling."),
+):
+    """Continue a prompt with a plan applied and print the text and the activations it used."""
+    import torch
+
+    from .apply import apply
+    from .plan import Plan, full_plan
+
+    m, tok, _ = load_model(model)
+    if tok is None:
+        raise AllocMoeError("the model has no tokenizer")
+    p = Plan.load(plan) if plan else full_plan(m)
+    enc = tok(prompt, return_tensors="pt")
+    if enc["input_ids"].numel() == 0:
+        raise AllocMoeError("--prompt is empty")
+    torch.manual_seed(seed)
+    with apply(m, p) as h, torch.no_grad():
+        outp = m.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=0.8 if sample else None,
+                          top_p=0.95 if sample else None, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        c = h.counts()["cumulative"]
+    out.print(tok.decode(outp[0], skip_special_tokens=True), highlight=False, markup=False)
+    err.print(f"activations/token {c['activations_per_token']:.2f} (measured over {c['tokens']} tokens; "
+              f"full model: {sum(p.original_ks)}), per layer "
+              + ", ".join(f"{a:.2f}" for a in c["activations_per_token_per_layer"]))
+
+
+@app.command("lm-eval")
+def lm_eval_cmd(
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated lm-eval task names."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="JSON to write."),
+    model: Optional[str] = ModelOpt,
+    plan: Optional[Path] = typer.Option(None, "--plan", "-p", help="Plan JSON to apply."),
+    include_path: Optional[Path] = typer.Option(None, help="Folder of local task YAMLs."),
+    limit: Optional[float] = typer.Option(None, help="Examples per task (int) or fraction (< 1)."),
+    batch_size: int = typer.Option(8),
+    num_fewshot: Optional[int] = typer.Option(None),
+    force: bool = ForceOpt,
+):
+    """Hand the patched model to lm-evaluation-harness (HFLM) and write its results."""
+    from .apply import apply
+    from .io import atomic_write_json
+    from .lm_eval_adapter import run_lm_eval
+    from .plan import Plan, full_plan
+
+    _out_path(out_path, force)
+    m, tok, _ = load_model(model)
+    p = Plan.load(plan) if plan else full_plan(m)
+    lim = int(limit) if limit is not None and limit >= 1 else limit
+    with apply(m, p) as h:
+        r = run_lm_eval(m, tok, [t.strip() for t in tasks.split(",") if t.strip()],
+                        include_path=str(include_path) if include_path else None, limit=lim,
+                        batch_size=batch_size, num_fewshot=num_fewshot)
+        r["allocmoe"] = {"plan": str(plan) if plan else None,
+                         "activations_per_token": h.counts()["cumulative"]["activations_per_token"]}
+    atomic_write_json(out_path, r)
+    err.print(f"wrote {out_path}")
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ from .io import load_json
 
 
 def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # no "too long" warning
 
 
 def _bos(tokenizer) -> list[int]:

@@ -1,0 +1,126 @@
+"""Turning results into something a practitioner reads: markdown tables and plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .io import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+
+def _save_fig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    # fixed metadata so the same results give the same bytes
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def sensitivity_heatmap(profile: dict, path: Path, plans: dict[str, list[int]] | None = None, title: str = "") -> None:
+    """Heat-map of S[l][k] (log scale), optionally with per-layer K of plans drawn on top."""
+    import numpy as np
+
+    S = np.array(profile["sensitivity"], dtype=float)
+    ks = profile["k_values"]
+    L = S.shape[0]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(ks), 1.2 + 0.45 * L))
+    pos = S[S > 0]
+    floor = pos.min() if pos.size else 1e-12
+    im = ax.imshow(np.log10(np.maximum(S, floor)), aspect="auto", cmap="viridis_r")
+    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+    ax.set_yticks(range(L), [str(i) for i in range(L)])
+    ax.set_xlabel("experts per token k")
+    ax.set_ylabel("MoE layer")
+    fig.colorbar(im, ax=ax, label=f"log10 sensitivity ({profile.get('metric', '?')})")
+    markers = "o^sDv<>"
+    for i, (name, alloc) in enumerate((plans or {}).items()):
+        ax.plot([ks.index(k) for k in alloc], range(L), marker=markers[i % len(markers)], lw=1.5,
+                label=name, color=plt.cm.autumn(i / max(1, len(plans) - 1)))
+    if plans:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.25, 1))
+    ax.set_title(title or "Per-layer sensitivity (lower is better)", fontsize=9)
+    _save_fig(fig, path)
+
+
+def frontier_plot(results: dict, path: Path) -> None:
+    """Validation perplexity vs measured activations per token, one line per method, full model marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for r in results["configs"]:
+        if r["method"] == "full":
+            continue
+        by_method.setdefault(r["label"], []).append((r["activations_per_token"], r["perplexity"]))
+    for label, pts in sorted(by_method.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, lw=1.2, label=label)
+    full = next(r for r in results["configs"] if r["method"] == "full")
+    ax.plot([full["activations_per_token"]], [full["perplexity"]], marker="*", ms=14, color="black",
+            ls="none", label="full model")
+    ax.set_xlabel("measured expert activations per token (all MoE layers)")
+    ax.set_ylabel("validation perplexity")
+    ys = [r["perplexity"] for r in results["configs"]]
+    if max(ys) / min(ys) > 3:  # log scale only when the spread is wide enough to need it
+        ax.set_yscale("log")
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False) if ax.get_yscale() == "linear" else None
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Budget-quality frontier: {results['model']['architecture']}", fontsize=10)
+    _save_fig(fig, path)
+
+
+def _fmt(x, nd=3):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def markdown_report(results: dict) -> str:
+    m, s = results["model"], results["settings"]
+    full = next(r for r in results["configs"] if r["method"] == "full")
+    task_names = sorted(full.get("tasks", {}))
+    lines = [
+        f"# allocmoe report: {m['architecture']}",
+        "",
+        f"- model: `{m.get('path')}` — {m['moe_layers']} MoE layers, {m['num_experts']} routed experts, "
+        f"top-{m['top_k']}, {m['shared_experts']} shared; {m['activations_per_token']} activations/token at full budget",
+        f"- profile: metric `{s['metric']}`, {s['calibration_tokens']:,} calibration tokens, "
+        f"{s['profile_seconds']:.1f} s (cached)",
+        f"- validation: {full['tokens']:,} tokens of `{', '.join(Path(p).name for p in s['validation_files'])}`, "
+        f"windows of {s['seq_len']}; tasks: {', '.join(task_names) or 'none'}",
+        "- `act/tok` is **measured**: (token, expert) pairs the patched model executed during the validation "
+        "pass, divided by real tokens. Δppl is relative to the full model.",
+        f"- full model: perplexity {_fmt(full['perplexity'])}, bits/byte {_fmt(full['bits_per_byte'], 4)}"
+        + "".join(f", {t} acc {_fmt(full['tasks'][t]['accuracy'])}" for t in task_names),
+        "",
+    ]
+    for b in s["budgets"]:
+        rows = [r for r in results["configs"] if r.get("budget") == b]
+        rows.sort(key=lambda r: r["perplexity"])
+        lines += [f"## Budget {b} of the original", ""]
+        head = "| rank | method | act/tok | val ppl | Δppl | bits/byte |" + "".join(f" {t} acc |" for t in task_names)
+        head += " prefill x | decode x | per-layer k |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for i, r in enumerate(rows, 1):
+            sp = r.get("speed") or {}
+            row = (f"| {i} | {r['label']} | {_fmt(r['activations_per_token'], 2)} | {_fmt(r['perplexity'])} | "
+                   f"{100 * (r['perplexity'] / full['perplexity'] - 1):+.1f}% | {_fmt(r['bits_per_byte'], 4)} |")
+            row += "".join(f" {_fmt(r['tasks'][t]['accuracy'])} |" for t in task_names)
+            row += f" {_fmt(sp.get('prefill_speedup'), 2)} | {_fmt(sp.get('decode_speedup'), 2)} | {r['ks']} |"
+            lines.append(row)
+        lines.append("")
+    if results.get("speed_note"):
+        lines += ["## Speed", "", results["speed_note"], ""]
+    lines += ["## Files", "", "- `results.json`: every number above and more (per-layer measured activations, "
+              "task details counts, plans)", "- `frontier.png`, `allocation.png`, `profile.json`, `plans/`", ""]
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out_dir: Path) -> None:
+    atomic_write_text(out_dir / "report.md", markdown_report(results))
+    frontier_plot(results, out_dir / "frontier.png")
