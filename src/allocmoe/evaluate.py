@@ -104,9 +104,9 @@ def perplexity(model, tokenizer, texts: list[str] | str, seq_len: int = 256, str
 
     Windows: the model reads `seq_len` tokens at a time. A window starting at token `begin` reads
     tokens[begin:begin+seq_len] and predicts tokens[begin+1:begin+seq_len+1] (nanoGPT-style x/y), and windows start
-    every `stride` tokens. stride == seq_len (default): non-overlapping windows, each token predicted with 0..seq_len-1
+    every `stride` tokens. stride == seq_len (default): non-overlapping windows, each token predicted from 1..seq_len
     tokens of context. stride < seq_len: HF's sliding window; after the first window only the last `stride`
-    predictions are scored, so each token gets at least seq_len - stride tokens of context. Either way every token
+    predictions are scored, so those tokens get at least seq_len - stride + 1 tokens of context. Either way every token
     of a text except its first is scored exactly once (with a BOS prepended, the first text token is scored too).
     A text's last window may be shorter (padded).
 
@@ -138,8 +138,8 @@ def perplexity(model, tokenizer, texts: list[str] | str, seq_len: int = 256, str
             continue
         last = 0  # last scored target index of this text
         for begin, end, n_new in _windows(len(ids) - 1, seq_len, stride):
-            n_new = min(n_new, budget)
-            end = last + n_new  # only differs from `end` when the budget runs out
+            if n_new > budget:  # max_tokens runs out inside this window: keep its first `budget` new targets
+                end, n_new = end - (n_new - budget), budget
             seqs.append(ids[begin:end + 1])
             spans.append((len(seqs[-1]) - n_new, len(seqs[-1])))
             budget -= n_new

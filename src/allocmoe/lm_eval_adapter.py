@@ -29,10 +29,13 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = N
     """
     try:
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise AllocMoeError(_MISSING) from None
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:  # lm-eval without its `hf` extra: accelerate (or peft) missing
+        raise AllocMoeError(f"lm-eval's HF backend cannot be imported ({e}); pip install 'lm-eval[hf]'") from None
 
     tm = None
     if include_path is not None:

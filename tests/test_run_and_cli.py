@@ -1,0 +1,82 @@
+"""The main job's report files, refusal to overwrite, and the eval/generate commands (tiny model, fast)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from allocmoe.run import RunSettings, run
+from allocmoe.testing import save_tiny
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. ") * 40
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    model = save_tiny("deepseek_v2", d / "model")
+    (d / "text.txt").write_text(TEXT)
+    task = {"name": "toy", "examples": [{"input": "a single", "target_scores": {"man": 1, "dog": 0}},
+                                         {"input": "a good", "target_scores": {"fortune": 1, "wife": 0}}]}
+    (d / "task.json").write_text(json.dumps(task))
+    return d, model
+
+
+def test_run_writes_well_formed_report(setup):
+    d, model = setup
+    s = RunSettings(budgets=[0.5, 0.75], calibration_tokens=512, policy_calibration_tokens=512, eval_tokens=512,
+                    seq_len=64, data=[str(d / "text.txt")], calibration_data=[str(d / "text.txt")],
+                    tasks=[str(d / "task.json")], speed=False)
+    out = d / "out"
+    res = run(model, out, s)
+    for f in ("results.json", "report.md", "frontier.png", "allocation.png", "profile.json"):
+        assert (out / f).stat().st_size > 0
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = json.loads((out / "results.json").read_text())
+    labels = {c["label"] for c in r["configs"]}
+    assert {"full model", "uniform", "random", "top-p", "naee", "lexi", "Alloc-L (dp)",
+            "Alloc-L + Alloc-T (dp+global)", "Alloc-L + threshold (dp+threshold)"} <= labels
+    full = next(c for c in r["configs"] if c["method"] == "full")
+    assert full["activations_per_token"] == 8
+    for c in r["configs"]:
+        if c["method"] != "full" and c["policy"] in ("fixed", "global"):
+            assert c["activations_per_token"] == sum(c["ks"])  # measured counts meet the plan exactly
+        assert c["tasks"]["toy"]["n"] == 2
+    md = (out / "report.md").read_text()
+    assert "## Budget 0.5 of the original" in md and "Alloc-L (dp)" in md
+    assert len(list((out / "plans").glob("*.json"))) == 2 * 9
+    assert res["configs"] == r["configs"]
+    # refuses to write into a non-empty directory without --force
+    from allocmoe.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match="is not empty; pass --force"):
+        run(model, out, s)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "allocmoe.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_run_refuses_non_empty_dir(setup, tmp_path):
+    d, model = setup
+    (tmp_path / "keep.txt").write_text("mine")
+    r = cli("run", "--model", model, "--out", tmp_path)
+    assert r.returncode == 2 and "is not empty; pass --force" in r.stderr
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_cli_eval_and_generate(setup, tmp_path):
+    d, model = setup
+    plan = tmp_path / "plan.json"
+    assert cli("allocate", "--model", model, "--method", "uniform", "--budget", "4", "--out", plan).returncode == 0
+    r = cli("eval", "--model", model, "--plan", plan, "--data", d / "text.txt", "--task", d / "task.json",
+            "--seq-len", "64", "--out", tmp_path / "eval.json")
+    assert r.returncode == 0, r.stderr
+    e = json.loads((tmp_path / "eval.json").read_text())
+    assert e["activations_per_token"] == 4 and e["perplexity"] > 1 and e["tasks"]["toy"]["n"] == 2
+    r = cli("generate", "--model", model, "--plan", plan, "--prompt", "It is a", "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("It is a") and "activations/token 4.00" in r.stderr
