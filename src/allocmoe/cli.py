@@ -210,7 +210,7 @@ def run(
     metric: str = typer.Option("kl", help="Profiling metric used by Alloc-L: kl or loss."),
     renormalize: str = typer.Option("native", help="native, renorm or keep-mass."),
     calibration_tokens: int = typer.Option(16384, help="Tokens for sensitivity profiling."),
-    eval_tokens: int = typer.Option(32768, help="Validation tokens per configuration."),
+    eval_tokens: int = typer.Option(16384, help="Validation tokens per configuration."),
     data: Optional[List[Path]] = typer.Option(None, "--data", help="Validation text file(s)."),
     calibration_data: Optional[List[Path]] = typer.Option(None, "--calibration-data", help="Calibration text file(s)."),
     task: Optional[List[Path]] = typer.Option(None, "--task", help="Task JSON file(s) (default: shipped tasks)."),

@@ -53,7 +53,7 @@ class RunSettings:
     renormalize: str = "native"
     calibration_tokens: int = 16384
     policy_calibration_tokens: int = 8192
-    eval_tokens: int = 32768
+    eval_tokens: int = 16384
     seq_len: int = 256
     batch_size: int = 8
     task_examples: int | None = None
