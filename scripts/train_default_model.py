@@ -1,0 +1,578 @@
+#!/usr/bin/env python
+"""Train allocmoe's built-in default model: a tiny DeepSeek-V2 Mixture-of-Experts LM.
+
+The model is a stock ``transformers`` ``DeepseekV2ForCausalLM`` (no remote code)
+shaped like DeepSeek-V2-Lite in proportion: one dense first layer, then MoE
+layers with many fine-grained routed experts (top-6 greedy routing, no top-k
+renormalisation) plus a shared expert, and MLA attention.  It is trained on
+the public-domain prose corpus produced by ``scripts/build_corpus.py``.
+
+Steps (each is idempotent):
+
+* ``tokenizer``: byte-level BPE (``tokenizers``) on ``corpus_build/train.txt``
+  with ``<|endoftext|>`` as bos/eos/pad, saved as a standard HF tokenizer.
+* ``train``: seeded, resumable training (``--resume``), AdamW + cosine,
+  auxiliary load-balancing loss computed from the router logits captured with
+  forward hooks on every ``mlp.gate``.  Saves a training checkpoint to
+  ``corpus_build/train_ckpt/`` every few minutes; at the end writes the bf16
+  safetensors checkpoint + tokenizer + ``TRAINING.md`` into
+  ``src/allocmoe/assets/default_model/``.
+* ``bench``: run training steps for N seconds and report throughput.
+* ``eval``: validation perplexity at top-6, uniform top-3, and each MoE layer
+  alone at top-3, plus three sample continuations ->
+  ``corpus_build/default_model_eval.json``.
+
+Example::
+
+    .venv/bin/python scripts/train_default_model.py tokenizer
+    .venv/bin/python scripts/train_default_model.py bench --seconds 60
+    nohup .venv/bin/python scripts/train_default_model.py train --steps 3000 \\
+        > corpus_build/train.log 2>&1 &
+    .venv/bin/python scripts/train_default_model.py eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUILD = REPO / "corpus_build"
+OUT_DIR = REPO / "src" / "allocmoe" / "assets" / "default_model"
+VAL_TXT = REPO / "src" / "allocmoe" / "assets" / "data" / "validation.txt"
+TOK_DIR = BUILD / "tokenizer"
+CKPT_DIR = BUILD / "train_ckpt"
+EOT = "<|endoftext|>"
+
+PROMPTS = [
+    "It is a truth universally acknowledged, that",
+    "The Lord is my shepherd;",
+    "In the morning she walked down to the village and",
+]
+
+
+# --------------------------------------------------------------------------
+# tokenizer
+# --------------------------------------------------------------------------
+
+
+def train_tokenizer(train_txt: Path, out_dir: Path, vocab_size: int = 8192):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
+    tok.train([str(train_txt)], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOT,
+        eos_token=EOT,
+        pad_token=EOT,
+        unk_token=None,
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def load_tokenizer(path: Path = TOK_DIR):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def encode_file(tok, path: Path, cache: Path | None = None) -> np.ndarray:
+    """Token ids of a text file; chunks separated by blank lines get an EOT between."""
+    if cache is not None and cache.exists():
+        return np.load(cache)
+    text = path.read_text(encoding="utf-8")
+    docs = [d for d in text.split("\n\n") if d.strip()]
+    eot = tok.convert_tokens_to_ids(EOT)
+    ids: list[int] = []
+    B = 256
+    for i in range(0, len(docs), B):
+        enc = tok(docs[i : i + B], add_special_tokens=False)["input_ids"]
+        for e in enc:
+            ids.extend(e)
+            ids.append(eot)
+    arr = np.asarray(ids, dtype=np.uint16)
+    if cache is not None:
+        np.save(cache, arr)
+    return arr
+
+
+# --------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------
+
+
+def make_config(vocab_size: int, eot_id: int, **over):
+    from transformers import DeepseekV2Config
+
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=768,  # dense first layer
+        moe_intermediate_size=64,  # fine-grained experts
+        num_hidden_layers=7,
+        first_k_dense_replace=1,
+        n_routed_experts=48,
+        num_experts_per_tok=6,
+        n_shared_experts=1,
+        topk_method="greedy",
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        n_group=None,
+        topk_group=None,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        pad_token_id=eot_id,
+        use_cache=True,
+    )
+    kw.update(over)
+    return DeepseekV2Config(**kw)
+
+
+def moe_gates(model):
+    """The router modules (``layer.mlp.gate``) of every MoE layer, by layer index."""
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "top_k"):
+            out[i] = gate
+    return out
+
+
+class RouterCapture:
+    """Forward hooks on every ``mlp.gate`` that keep router logits + chosen experts."""
+
+    def __init__(self, model):
+        self.logits: dict[int, torch.Tensor] = {}
+        self.indices: dict[int, torch.Tensor] = {}
+        self.handles = []
+        for i, gate in moe_gates(model).items():
+            self.handles.append(gate.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i):
+        def fn(module, inputs, output):
+            logits, _weights, indices = output
+            self.logits[i] = logits
+            self.indices[i] = indices
+
+        return fn
+
+    def clear(self):
+        self.logits.clear()
+        self.indices.clear()
+
+    def balance_loss(self, n_experts: int, top_k: int) -> torch.Tensor:
+        """Switch/DeepSeek expert-level balance loss averaged over MoE layers:
+        ``E * sum_i f_i * P_i`` with ``f_i`` the fraction of routed slots going
+        to expert i and ``P_i`` its mean router probability (1.0 when uniform)."""
+        losses = []
+        for i, logits in self.logits.items():
+            probs = logits.float().softmax(-1)
+            counts = torch.zeros(n_experts, device=logits.device)
+            counts.scatter_add_(0, self.indices[i].reshape(-1), torch.ones(self.indices[i].numel()))
+            f = counts / self.indices[i].numel()
+            losses.append(n_experts * (f * probs.mean(0)).sum())
+        return torch.stack(losses).mean()
+
+    def z_loss(self) -> torch.Tensor:
+        """ST-MoE router z-loss: mean squared log-sum-exp of the router logits (keeps routers soft)."""
+        return torch.stack([torch.logsumexp(lg.float(), -1).pow(2).mean() for lg in self.logits.values()]).mean()
+
+    def usage(self, n_experts: int) -> dict[int, np.ndarray]:
+        out = {}
+        for i, idx in self.indices.items():
+            out[i] = np.bincount(idx.reshape(-1).cpu().numpy(), minlength=n_experts)
+        return out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------
+
+
+def batch_at(data: np.ndarray, step: int, batch: int, seq: int, seed: int) -> torch.Tensor:
+    """Deterministic random windows for a given step (so resuming is exact)."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(data) - seq - 1, size=batch)
+    x = np.stack([data[s : s + seq + 1] for s in starts]).astype(np.int64)
+    return torch.from_numpy(x)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def eval_loss(model, data: np.ndarray, seq: int, max_windows: int | None = None, batch: int = 8) -> float:
+    """Mean next-token loss over consecutive non-overlapping windows of ``seq`` tokens."""
+    model.eval()
+    n = (len(data) - 1) // seq
+    if max_windows is not None:
+        n = min(n, max_windows)
+    tot, cnt = 0.0, 0
+    for b in range(0, n, batch):
+        rows = [data[i * seq : i * seq + seq + 1] for i in range(b, min(n, b + batch))]
+        x = torch.from_numpy(np.stack(rows).astype(np.int64))
+        logits = model(input_ids=x[:, :-1]).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+        )
+        tot += loss.item()
+        cnt += x[:, 1:].numel()
+    model.train()
+    return tot / cnt
+
+
+def build_model(tok, seed: int, experts_impl: str | None = None, **over):
+    from transformers import DeepseekV2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = make_config(len(tok), tok.convert_tokens_to_ids(EOT), **over)
+    model = DeepseekV2ForCausalLM(cfg)
+    if experts_impl:
+        model.set_experts_implementation(experts_impl)
+    return model
+
+
+def save_ckpt(path: Path, model, opt, step: int, extra: dict):
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "ckpt.pt.tmp"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "extra": extra}, tmp)
+    os.replace(tmp, path / "ckpt.pt")
+
+
+def cmd_tokenizer(args):
+    train_tokenizer(BUILD / "train.txt", TOK_DIR, args.vocab)
+    print(f"tokenizer -> {TOK_DIR}")
+
+
+def train_loop(args, bench_seconds: float | None = None):
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    tok = load_tokenizer(TOK_DIR)
+    data = encode_file(tok, BUILD / "train.txt", BUILD / "train_ids.npy")
+    val = encode_file(tok, VAL_TXT, BUILD / "val_ids.npy")
+    model = build_model(tok, args.seed, args.experts_impl, routed_scaling_factor=args.routed_scale)
+    cfg = model.config
+    with torch.no_grad():  # larger router init: token-dependent routing from step 0, so experts specialise
+        g = torch.Generator().manual_seed(args.seed + 1)
+        for gate in moe_gates(model).values():
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * args.router_init_std)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"params {n_params / 1e6:.2f}M  train tokens {len(data) / 1e6:.2f}M  val tokens {len(val) / 1e6:.3f}M",
+        flush=True,
+    )
+    router = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    rest = [(n, p) for n, p in model.named_parameters() if not n.endswith("mlp.gate.weight")]
+    decay = [p for n, p in rest if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in rest if not (p.ndim >= 2 and "norm" not in n)]
+    # routers: no weight decay (it would pull them towards flat, unspecialised routing)
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": args.wd, "lr_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
+            {"params": router, "weight_decay": 0.0, "lr_mult": args.router_lr_mult},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    step0 = 0
+    elapsed0 = 0.0
+    if getattr(args, "resume", False) and (CKPT_DIR / "ckpt.pt").exists():
+        ck = torch.load(CKPT_DIR / "ckpt.pt", map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step0 = ck["step"]
+        elapsed0 = ck["extra"].get("elapsed", 0.0)
+        print(f"resumed from step {step0} ({elapsed0 / 60:.1f} min already)", flush=True)
+
+    cap = RouterCapture(model)
+    model.train()
+    total = args.steps
+    t_start = time.time()
+    last_ckpt = time.time()
+    ema = None
+    usage_acc = None
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else _null()
+    pbar = tqdm(range(step0, total), initial=step0, total=total, mininterval=10, file=sys.stdout)
+    step = step0
+    for step in pbar:
+        lr = lr_at(step, total, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        x = batch_at(data, step, args.batch, args.seq, args.seed)
+        cap.clear()
+        with autocast:
+            logits = model(input_ids=x[:, :-1]).logits
+        ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        bal = cap.balance_loss(cfg.n_routed_experts, cfg.num_experts_per_tok)
+        zl = cap.z_loss() if args.zloss > 0 else torch.zeros(())
+        loss = ce + args.aux * bal + args.zloss * zl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = ce.item() if ema is None else 0.98 * ema + 0.02 * ce.item()
+        u = cap.usage(cfg.n_routed_experts)
+        usage_acc = u if usage_acc is None else {k: usage_acc[k] + u[k] for k in u}
+        pbar.set_postfix(loss=f"{ema:.3f}", bal=f"{bal.item():.3f}", z=f"{zl.item():.2f}", lr=f"{lr:.2e}", refresh=False)
+        if bench_seconds is not None and time.time() - t_start > bench_seconds:
+            break
+        if (step + 1) % args.log_every == 0:
+            worst = {k: f"{(v.max() / v.mean()):.2f}" for k, v in usage_acc.items()}
+            usage_acc = None
+            vl = eval_loss(model, val, args.seq, max_windows=32)
+            el = elapsed0 + time.time() - t_start
+            print(
+                f"\nstep {step + 1}/{total} ce_ema {ema:.4f} bal {bal.item():.4f} val {vl:.4f} "
+                f"elapsed {el / 60:.1f} min  max/mean expert load {worst}",
+                flush=True,
+            )
+        if bench_seconds is None and time.time() - last_ckpt > args.ckpt_minutes * 60:
+            save_ckpt(CKPT_DIR, model, opt, step + 1, {"elapsed": elapsed0 + time.time() - t_start})
+            last_ckpt = time.time()
+        if bench_seconds is None and args.max_minutes and elapsed0 + time.time() - t_start > args.max_minutes * 60:
+            print(f"\nmax wall time reached at step {step + 1}; stopping early", flush=True)
+            break
+    pbar.close()
+    cap.remove()
+    done = step + 1 - step0
+    dt = time.time() - t_start
+    tps = done * args.batch * args.seq / dt
+    print(f"{done} steps in {dt:.1f}s: {dt / done:.3f} s/step, {tps:.0f} tokens/s", flush=True)
+    return model, tok, data, val, step + 1, elapsed0 + dt, ema
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def cmd_bench(args):
+    train_loop(args, bench_seconds=args.seconds)
+
+
+def cmd_train(args):
+    t0 = time.time()
+    model, tok, data, val, steps_done, wall, ema = train_loop(args)
+    torch.set_num_threads(args.threads)
+    vl = eval_loss(model, val, args.seq)
+    tl = eval_loss(model, data[: 256 * 257], args.seq)  # first 256 windows of train
+    print(f"final: val loss {vl:.4f} (ppl {math.exp(vl):.2f}), train-slice loss {tl:.4f}", flush=True)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    model.config.use_cache = True
+    model = model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(OUT_DIR, safe_serialization=True)
+    tok.save_pretrained(OUT_DIR)
+    tokens_seen = steps_done * args.batch * args.seq
+    cmd = " ".join(["python", "scripts/train_default_model.py"] + sys.argv[1:])
+    n_params = sum(p.numel() for p in model.parameters())
+    size = sum(f.stat().st_size for f in OUT_DIR.glob("*.safetensors"))
+    cfg = model.config
+    md = f"""# allocmoe default model -- training record
+
+Tiny DeepSeek-V2 Mixture-of-Experts language model (stock `transformers`
+`DeepseekV2ForCausalLM`, no remote code), trained from scratch on the
+public-domain English prose corpus in `src/allocmoe/assets/data/SOURCES.md`.
+
+| | |
+|---|---|
+| layers | {cfg.num_hidden_layers} ({cfg.first_k_dense_replace} dense + {cfg.num_hidden_layers - cfg.first_k_dense_replace} MoE) |
+| hidden size | {cfg.hidden_size} |
+| attention | MLA, {cfg.num_attention_heads} heads, q_lora_rank={cfg.q_lora_rank}, kv_lora_rank={cfg.kv_lora_rank}, qk_nope={cfg.qk_nope_head_dim}, qk_rope={cfg.qk_rope_head_dim}, v={cfg.v_head_dim} |
+| dense FFN | {cfg.intermediate_size} |
+| routed experts | {cfg.n_routed_experts} x {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok} greedy, no renormalisation, routed_scaling_factor {cfg.routed_scaling_factor} |
+| shared experts | {cfg.n_shared_experts} |
+| vocab | {cfg.vocab_size} (byte-level BPE, `<|endoftext|>` = bos/eos/pad) |
+| parameters | {n_params / 1e6:.2f} M (tied embeddings) |
+| checkpoint | {size / 1e6:.1f} MB bf16 safetensors |
+
+## Training
+
+* command: `{cmd}` (after `scripts/build_corpus.py` and `scripts/train_default_model.py tokenizer`)
+* hardware: 1 CPU thread (`torch.set_num_threads({args.threads})`), {'bf16 autocast' if args.bf16 else 'fp32'}
+* steps: {steps_done} x batch {args.batch} x seq {args.seq} = {tokens_seen / 1e6:.2f} M tokens seen
+  (train split: {len(data) / 1e6:.2f} M tokens)
+* optimiser: AdamW (betas 0.9/0.95, wd {args.wd}), peak lr {args.lr}, {args.warmup} warmup steps, cosine to 10 %
+* auxiliary expert load-balancing loss coefficient: {args.aux}; router learning-rate multiplier {args.router_lr_mult}, router init std {args.router_init_std}, router z-loss {args.zloss}, no weight decay on routers
+* seed: {args.seed}
+* training wall time: {wall / 60:.1f} min (whole script {(time.time() - t0) / 60:.1f} min)
+* final train loss (EMA of last steps): {ema:.4f}
+* final loss on the first 256 train windows: {tl:.4f}
+* final validation loss (all non-overlapping 256-token windows of validation.txt): {vl:.4f} (perplexity {math.exp(vl):.2f})
+"""
+    (OUT_DIR / "TRAINING.md").write_text(md)
+    (BUILD / "train_result.json").write_text(
+        json.dumps(
+            {
+                "command": cmd,
+                "wall_minutes": wall / 60,
+                "steps": steps_done,
+                "tokens_seen": tokens_seen,
+                "final_train_ema": ema,
+                "final_train_slice_loss": tl,
+                "final_val_loss": vl,
+                "params": n_params,
+                "checkpoint_bytes": size,
+            },
+            indent=2,
+        )
+    )
+    print(f"saved -> {OUT_DIR}", flush=True)
+
+
+# --------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------
+
+
+def set_topk(model, k: int | dict[int, int]):
+    for i, gate in moe_gates(model).items():
+        gate.top_k = k[i] if isinstance(k, dict) else k
+
+
+def cmd_eval(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(OUT_DIR)
+    model = AutoModelForCausalLM.from_pretrained(OUT_DIR, dtype=torch.float32)
+    model.eval()
+    val = encode_file(tok, VAL_TXT)
+    k_full = model.config.num_experts_per_tok
+    half = k_full // 2
+    res: dict = {"windows": (len(val) - 1) // args.seq, "seq": args.seq, "tokens": int(len(val))}
+
+    def ppl():
+        return math.exp(eval_loss(model, val, args.seq))
+
+    t0 = time.time()
+    base = ppl()
+    res["top6_ppl"] = base
+    print(f"top-{k_full}: ppl {base:.3f}  ({time.time() - t0:.0f}s)", flush=True)
+    set_topk(model, half)
+    uni = ppl()
+    res[f"uniform_top{half}_ppl"] = uni
+    res[f"uniform_top{half}_rel_increase"] = uni / base - 1
+    print(f"uniform top-{half}: ppl {uni:.3f}  (+{100 * (uni / base - 1):.1f}%)", flush=True)
+    per = {}
+    for i in moe_gates(model):
+        set_topk(model, {j: (half if j == i else k_full) for j in moe_gates(model)})
+        p = ppl()
+        per[str(i)] = {"ppl": p, "rel_increase": p / base - 1}
+        print(f"layer {i} alone top-{half}: ppl {p:.3f}  (+{100 * (p / base - 1):.2f}%)", flush=True)
+    res[f"single_layer_top{half}"] = per
+    set_topk(model, k_full)
+
+    gens = []
+    for prompt in PROMPTS:
+        torch.manual_seed(0)
+        ids = tok(prompt, return_tensors="pt")
+        out = model.generate(
+            **ids,
+            max_new_tokens=40,
+            do_sample=True,
+            temperature=0.8,
+            top_p=0.9,
+            pad_token_id=tok.pad_token_id,
+        )
+        text = tok.decode(out[0], skip_special_tokens=True)
+        gens.append({"prompt": prompt, "text": text, "sampling": "seed 0, temperature 0.8, top_p 0.9"})
+        print(repr(text), flush=True)
+    res["continuations"] = gens
+    (BUILD / "default_model_eval.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(f"-> {BUILD / 'default_model_eval.json'}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokenizer")
+    t.add_argument("--vocab", type=int, default=8192)
+    for name in ("train", "bench"):
+        p = sub.add_parser(name)
+        p.add_argument("--steps", type=int, default=3000)
+        p.add_argument("--batch", type=int, default=16)
+        p.add_argument("--seq", type=int, default=256)
+        p.add_argument("--lr", type=float, default=2e-3)
+        p.add_argument("--wd", type=float, default=0.1)
+        p.add_argument("--warmup", type=int, default=100)
+        p.add_argument("--aux", type=float, default=0.01)
+        p.add_argument("--router-lr-mult", type=float, default=5.0, help="learning-rate multiplier for routers")
+        p.add_argument("--router-init-std", type=float, default=0.06, help="std of the router weight init")
+        p.add_argument("--zloss", type=float, default=5e-3, help="router z-loss coefficient")
+        p.add_argument(
+            "--routed-scale",
+            type=float,
+            default=4.0,
+            help="routed_scaling_factor (DeepSeek-V2 uses 16, V2-Lite 1): top-6 softmax weights over 48 "
+            "experts sum to well below 1, this keeps the routed path O(1)",
+        )
+        p.add_argument("--seed", type=int, default=1234)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+        p.add_argument("--experts-impl", default=None, help="eager | batched_mm | grouped_mm")
+        p.add_argument("--log-every", type=int, default=200)
+        p.add_argument("--ckpt-minutes", type=float, default=5.0)
+        p.add_argument("--max-minutes", type=float, default=None)
+        p.add_argument("--resume", action="store_true")
+        if name == "bench":
+            p.add_argument("--seconds", type=float, default=60)
+    e = sub.add_parser("eval")
+    e.add_argument("--seq", type=int, default=256)
+    e.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    {"tokenizer": cmd_tokenizer, "train": cmd_train, "bench": cmd_bench, "eval": cmd_eval}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The shipped default model (a tiny trained DeepSeek-V2 MoE) and the shipped text splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "allocmoe" / "assets"
+MODEL_DIR = ASSETS / "default_model"
+DATA_DIR = ASSETS / "data"
+EOT = "<|endoftext|>"
+
+needs_checkpoint = pytest.mark.skipif(
+    not ((MODEL_DIR / "config.json").exists() and (MODEL_DIR / "model.safetensors").exists()),
+    reason=f"default model checkpoint not present in {MODEL_DIR} (run scripts/train_default_model.py train)",
+)
+
+
+@pytest.mark.parametrize("split", ["validation", "calibration"])
+def test_shipped_text_splits(split):
+    p = DATA_DIR / f"{split}.txt"
+    assert p.is_file()
+    size = p.stat().st_size
+    assert 100_000 < size < 500_000
+    text = p.read_text(encoding="utf-8")
+    assert text.strip() and "<" not in text  # markup stripped
+
+
+def test_shipped_splits_disjoint():
+    val = set((DATA_DIR / "validation.txt").read_text(encoding="utf-8").split("\n\n"))
+    cal = set((DATA_DIR / "calibration.txt").read_text(encoding="utf-8").split("\n\n"))
+    assert not (val & cal)
+
+
+def test_sources_documented():
+    text = (DATA_DIR / "SOURCES.md").read_text(encoding="utf-8")
+    for pkg in ("r-cran-janeaustenr", "sword-text-web", "sword-text-kjv", "sword-comm-tdavid", "sword-comm-mhcc"):
+        assert pkg in text
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    m.eval()
+    return m
+
+
+@needs_checkpoint
+def test_checkpoint_files_and_config():
+    cfg = json.loads((MODEL_DIR / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v2"
+    assert cfg["architectures"] == ["DeepseekV2ForCausalLM"]
+    assert cfg["first_k_dense_replace"] == 1
+    assert cfg["num_experts_per_tok"] == 6
+    assert 32 <= cfg["n_routed_experts"] <= 64
+    assert cfg["topk_method"] == "greedy" and cfg["norm_topk_prob"] is False
+    assert cfg["dtype"] in ("bfloat16", "float16")
+    assert (MODEL_DIR / "model.safetensors").stat().st_size <= 40 * 1024 * 1024
+    assert (MODEL_DIR / "TRAINING.md").is_file()
+
+
+@needs_checkpoint
+def test_tokenizer_loads_and_roundtrips(tok):
+    assert tok.eos_token == tok.bos_token == tok.pad_token == EOT
+    assert len(tok) == json.loads((MODEL_DIR / "config.json").read_text())["vocab_size"]
+    text = "It is a truth universally acknowledged, that a single man — “in possession” of a good fortune."
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text) / 2.5  # a trained BPE, not bytes
+
+
+@needs_checkpoint
+def test_default_model_forward_is_finite_and_sensible(tok, model):
+    from transformers import DeepseekV2ForCausalLM
+
+    assert isinstance(model, DeepseekV2ForCausalLM)
+    gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    assert len(gates) == model.config.num_hidden_layers - 1 and all(g.top_k == 6 for g in gates)
+    text = "And God said, Let there be light: and there was light. Emma Woodhouse, handsome, clever, and rich,"
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    assert torch.isfinite(out.logits).all()
+    # trained: far better than uniform guessing over the vocabulary (ln 8192 = 9.0)
+    assert out.loss.item() < 6.0
+
+
+@needs_checkpoint
+def test_default_model_loads_in_stored_dtype():
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
+    assert next(m.parameters()).dtype in (torch.bfloat16, torch.float16)
+    with torch.no_grad():
+        logits = m(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits.float()).all()
