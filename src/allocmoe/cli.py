@@ -302,6 +302,41 @@ def lm_eval_cmd(
     err.print(f"wrote {out_path}")
 
 
+@app.command()
+def bench(
+    out_path: Path = typer.Option(..., "--out", "-o", help="bench JSON to write."),
+    model: Optional[str] = ModelOpt,
+    shape: Optional[str] = typer.Option(None, "--shape", help="Random-weight model with real dimensions, e.g. deepseek-v2-lite:4."),
+    plan: Optional[List[Path]] = typer.Option(None, "--plan", "-p", help="Plan JSON(s) (default: uniform 50% fixed and global)."),
+    prefill_batch: int = typer.Option(1, help="Prefill batch size."),
+    prefill_len: int = typer.Option(256, help="Prefill sequence length."),
+    decode_batches: str = typer.Option("1,8", help="Comma-separated decode batch sizes."),
+    decode_tokens: int = typer.Option(32, help="New tokens per decode run."),
+    repeats: int = typer.Option(5, help="Timed repeats per configuration (medians reported)."),
+    warmup: int = typer.Option(1, help="Discarded warm-up runs per configuration."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice, recorded)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    markdown: Optional[Path] = typer.Option(None, help="Also write the human table here."),
+    no_amdahl: bool = typer.Option(False, "--no-amdahl", help="Skip measuring the routed-expert share of time."),
+    force: bool = ForceOpt,
+):
+    """Prefill and decode timings, full model vs plans, interleaved in one run, with ratios and the Amdahl limit."""
+    from .bench import bench_command, format_table
+
+    _out_path(out_path, force)
+    try:
+        batches = tuple(int(b) for b in decode_batches.split(",") if b.strip())
+    except ValueError:
+        raise AllocMoeError(f"--decode-batches must be comma-separated integers, got {decode_batches!r}") from None
+    r = bench_command(model, shape, [str(p) for p in plan or []], str(out_path), prefill_batch=prefill_batch,
+                      prefill_len=prefill_len, decode_batches=batches, decode_tokens=decode_tokens, repeats=repeats,
+                      warmup=warmup, threads=threads, dtype=dtype, device=device, amdahl=not no_amdahl,
+                      markdown=str(markdown) if markdown else None)
+    print(format_table(r))
+    err.print(f"wrote {out_path}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

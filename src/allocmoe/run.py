@@ -177,18 +177,19 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
 
 
 def _speed(model, plans, configs, s: RunSettings) -> str:
-    """Prefill/decode speed-ups of the main configurations at each budget, measured side by side."""
-    try:
-        from .bench import run_bench
-    except ImportError:  # pragma: no cover
-        return "benchmark module unavailable"
+    """Prefill/decode speed-ups of the main configurations at the budget nearest 0.5, measured side by side."""
+    from .bench import FULL, run_bench
+
     mid = sorted(s.budgets, key=lambda b: abs(b - 0.5))[0]
     chosen = {label: plan for label, m, b, plan in plans if b == mid and label in SPEED_LABELS}
-    res = run_bench(model, dict(chosen), prefill_batch=1, prefill_len=s.seq_len, decode_batches=(1,),
+    res = run_bench(model, {FULL: None, **chosen}, prefill_batch=1, prefill_len=s.seq_len, decode_batches=(1,),
                     decode_tokens=16, repeats=3, warmup=1, progress=False)
+    pre, dec = res["phases"]["prefill"]["configs"], res["phases"]["decode_b1"]["configs"]
     for c in configs:
         if c["budget"] == mid and c["label"] in chosen:
-            c["speed"] = res["ratios"].get(c["label"])
+            c["speed"] = {"prefill_speedup": pre[c["label"]].get("speedup"),
+                          "decode_speedup": dec[c["label"]].get("speedup")}
     return (f"Speed-ups at budget {mid} vs the full model, measured side by side in this run with "
-            f"`allocmoe.bench.run_bench` ({torch.get_num_threads()} threads, prefill 1x{s.seq_len}, decode batch 1, "
-            "interleaved, medians of 3). For a careful benchmark use `allocmoe bench`.")
+            f"`allocmoe.bench.run_bench` ({torch.get_num_threads()} threads, prefill 1x{s.seq_len}, decode batch 1 "
+            "x 16 tokens, interleaved, medians of 3). A small model on CPU is dominated by non-expert work; "
+            "for a careful benchmark use `allocmoe bench`.")
