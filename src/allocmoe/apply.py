@@ -258,28 +258,25 @@ def _mix_weights(adapter, router, scores, index, renorm: str, original_k: int) -
 
 def _make_experts_forward(handle: AppliedPlan, st: _LayerState, stock_forward):
     E = st.layer.num_experts
+    from .experts_fast import sparse_experts_forward
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         if st.dense:
             n_pairs = top_k_index.numel()
             out = stock_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-            flat = top_k_index.reshape(-1)
+            per_expert = None
         else:
-            tok, slot = (top_k_index >= 0).nonzero(as_tuple=True)
-            flat = top_k_index[tok, slot]
-            n_pairs = flat.numel()
-            out = torch.zeros_like(hidden_states)
-            if n_pairs:
-                # each real pair becomes one "token" routed to one expert: the stock implementation
-                # (grouped_mm / eager / batched_mm) then computes exactly these pairs and nothing else
-                pair_out = stock_forward(
-                    hidden_states[tok], flat.unsqueeze(1), top_k_weights[tok, slot].unsqueeze(1), *args, **kwargs
-                )
-                out.index_add_(0, tok, pair_out.to(out.dtype))
+            # only the real (token, expert) pairs are computed: one sort by expert, one gather, the
+            # configured kernel family (grouped / per-expert loop / batched) once, one index_add_ back
+            # (see experts_fast; the `reference` path there is the former compact-then-stock path)
+            out, n_pairs, per_expert = sparse_experts_forward(
+                self, hidden_states, top_k_index, top_k_weights,
+                stock_forward=(lambda h, i, w: stock_forward(h, i, w, *args, **kwargs)))
+            n_pairs = int(n_pairs)  # the one host read of the call (counting needs it), after the kernels
         st.pairs_last += n_pairs
         st.pairs_total += n_pairs
         if COUNT_EXPERTS:
-            c = torch.bincount(flat, minlength=E)
+            c = torch.bincount(top_k_index.reshape(-1), minlength=E) if per_expert is None else per_expert
             st.expert_counts = c if st.expert_counts is None else st.expert_counts + c
         return out
 
