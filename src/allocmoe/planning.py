@@ -16,7 +16,7 @@ from . import allocate as alloc
 from .adapters import find_moe_layers
 from .apply import apply
 from .errors import AllocMoeError
-from .plan import Plan, check_fingerprint, fingerprint, make_plan
+from .plan import Plan, check_fingerprint, fingerprint, full_plan
 from .profile import Profile
 
 METHODS = ("dp", "uniform", "random", "greedy", "lexi")
@@ -29,12 +29,11 @@ def lexi_sensitivity(model: nn.Module, k_values: list[int], tokens: int = 512, s
     For layer l, x ~ N(0, 1) of the model's hidden size (seeded), S[l][k] = ||y_k - y_K||^2 / ||y_K||^2 where
     y_k is the block's output when it runs top-k. No text is read.
     """
-    layers = find_moe_layers(model)
     g = torch.Generator().manual_seed(seed)
     H = model.config.hidden_size
     dtype = next(model.parameters()).dtype
     x = torch.randn(1, tokens, H, generator=g).to(dtype)
-    handle = apply(model, Plan.from_dict(make_plan(layers, [l.top_k for l in layers], model=model).to_dict()))
+    handle = apply(model, full_plan(model))
     S = []
     try:
         with torch.no_grad():

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
 from .adapters import find_moe_layers
 from .apply import apply
 from .data import fingerprint_tokens

@@ -20,7 +20,7 @@ from . import __version__
 from .adapters import find_moe_layers
 from .apply import apply
 from .data import builtin_text, read_texts, token_windows
-from .errors import AllocMoeError, OutputExistsError
+from .errors import OutputExistsError
 from .evaluate import perplexity, score_task
 from .io import atomic_write_json
 from .models import load_model, local_path
