@@ -15,14 +15,14 @@ allocmoe.planning.allocate on random-token windows) — and measures, interleave
    allocmoe (allocmoe.experts_fast's kernels registered as a transformers experts implementation);
 3. allocmoe's sparse experts paths for the global plan (grouped, loop, auto, reference).
 
-Writes bench.json (atomic) and docs/benchmarks.md (tables, the command, threads, versions). Every figure
+Writes docs/bench_deepseek_v2_lite.json (atomic) and docs/benchmarks.md (tables, the command, threads, versions). Every figure
 in them is computed from this run. Nothing here needs a GPU; --device cuda uses one if present.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
 import time
 from pathlib import Path
@@ -66,7 +66,9 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="also try torch.compile on the full model (report only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a tiny model instead of the shape (checks the script)")
-    ap.add_argument("--out", default=str(ROOT / "bench.json"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench_deepseek_v2_lite.json"))
+    ap.add_argument("--render-only", action="store_true", help="only rewrite --md from an existing --out")
+    ap.add_argument("--also", nargs="*", default=[], help="result JSONs of other runs (e.g. bfloat16) to append")
     ap.add_argument("--md", default=str(ROOT / "docs" / "benchmarks.md"))
     return ap.parse_args(argv)
 
@@ -126,16 +128,18 @@ def summary_lines(main: dict, impls: dict | None, sparse: dict | None) -> list[s
                 continue
             out.append(f"  - {c}: {r['activations_per_token']:.2f}/{r['activations_full']:.0f} act/token; speed-up "
                        f"{r['achieved_speedup']:.3f}x of an ideal {r['ideal_speedup']:.3f}x "
-                       f"(**{r['achieved_over_ideal']:.1%}** of the Amdahl limit); decoder stack "
+                       f"(**{r['achieved_over_ideal']:.1%}** of the Amdahl limit; "
+                       f"{r.get('achieved_over_ideal_of_mins', float('nan')):.1%} on the fastest runs); decoder stack "
                        f"{r['achieved_decoder_speedup']:.3f}x of {r['ideal_decoder_speedup']:.3f}x "
                        f"(**{r['decoder_achieved_over_ideal']:.1%}**)")
     ov = am.get("token_policy_overhead") or {}
     if ov:
-        out += ["", "- **token-policy overhead** (policy time / fixed time at equal activations − 1, whole step; "
-                "decoder stack in brackets):"]
+        out += ["", "- **token-policy overhead** (policy time / fixed time at equal activations − 1, whole step, "
+                "medians; decoder stack in brackets; fastest runs after the slash):"]
         for c, per in ov.items():
             parts = [f"{p} {r.get('at_equal_activations_pct', r['raw_pct']):+.1f}% "
-                     f"({r.get('decoder_at_equal_activations_pct', r['decoder_raw_pct']):+.1f}%)" for p, r in per.items()]
+                     f"({r.get('decoder_at_equal_activations_pct', r['decoder_raw_pct']):+.1f}%) / "
+                     f"{r.get('of_mins_at_equal_activations_pct', r['raw_of_mins_pct']):+.1f}%" for p, r in per.items()]
             out.append(f"  - {c} vs {next(iter(per.values()))['fixed']}: " + ", ".join(parts))
     if impls:
         out += ["", "- **fastest experts implementation per phase** (median, same run):"]
@@ -178,10 +182,11 @@ NOTES = """## Notes on the method
   `allocmoe.full_plan` in one extra untimed run).
 - Amdahl: f = time inside the routed `experts` modules (forward pre/post hooks, `time.perf_counter`) / step
   time of the full model; ideal = 1 / ((1 − f) + f · A_plan / A_full). The hooks' cost is reported
-  (`hook_overhead_pct` in bench.json). The ideal assumes expert time proportional to activations; on a CPU,
-  expert matmuls with few rows per expert are memory-bound (the weights are read once whatever the number of
-  rows), so fewer rows per expert save less than proportionally — this is the main gap to the limit in decode
-  with batch > 1 and in prefill.
+  (`hook_overhead_pct` in the JSON). The ideal assumes expert time proportional to activations. In decode each
+  active expert gets one or a few rows per step and its cost is reading its weights, so time follows the number
+  of active experts. In prefill every expert is active at both budgets and gets tens of rows; a CPU matmul with
+  half the rows costs more than half (the weights are still streamed once and small-row GEMMs run below peak),
+  so the experts' time falls by less than the activations — this is where prefill stays below the limit.
 - Token-policy overhead: the policy plan's median over the fixed plan's with the same per-layer k; "at equal
   activations" first moves the fixed time to the policy's measured activations with the same Amdahl model
   (the threshold policy's measured activations differ from its calibration target).
@@ -216,8 +221,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     command = " ".join([".venv/bin/python", "scripts/bench_deepseek_v2_lite.py"] + (argv if argv is not None
                                                                                    else sys.argv[1:]))
+    if args.render_only:
+        from allocmoe.io import load_json
+
+        atomic_write_text(args.md, render_markdown(load_json(args.out, "benchmark result"), args.out, args.also))
+        print(f"wrote {args.md} from {args.out}")
+        return 0
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     t0 = time.perf_counter()
+    load0 = _loadavg()
     if args.smoke:
         from allocmoe.testing import tiny_model
 
@@ -231,9 +243,20 @@ def main(argv=None) -> int:
                   decode_tokens=args.decode_tokens, decode_prompt=args.decode_prompt, warmup=args.warmup,
                   seed=args.seed)
 
+    result = {"command": command, "script_args": vars(args), "main": None, "implementations": None,
+              "sparse_paths": None, "compile": {"attempted": False},
+              "plans": {n: p.to_dict() for n, p in plans.items()}, "loadavg_start": load0}
+
+    def save(stage: str) -> None:  # after every stage, so a killed run leaves what it measured
+        result.update(wall_s=time.perf_counter() - t0, loadavg_end=_loadavg(), complete=(stage == "done"))
+        atomic_write_json(args.out, result)
+        atomic_write_text(args.md, render_markdown(result, args.out, args.also))
+
     t = time.perf_counter()
     main_r = bench.run_bench(model, {"full": None, **plans}, repeats=args.repeats, **common)
     bench.amdahl(model, main_r, repeats=3)
+    result["main"] = main_r
+    save("main")
     print(f"main benchmark: {time.perf_counter() - t:.0f} s", flush=True)
     print(bench.format_table(main_r), flush=True)
 
@@ -247,6 +270,8 @@ def main(argv=None) -> int:
                                 implementations=IMPLEMENTATIONS, repeats=args.compare_repeats,
                                 batched_mm_max_bytes=guard, **cmp)
         bench.amdahl(model, impls, repeats=2)
+        result["implementations"] = impls
+        save("implementations")
         print(f"implementations: {time.perf_counter() - t:.0f} s", flush=True)
         print(bench.format_table(impls), flush=True)
         t = time.perf_counter()
@@ -255,19 +280,49 @@ def main(argv=None) -> int:
                                          **{f"uniform-global@{p}": bench.Variant(g, sparse_path=p)
                                             for p in SPARSE_PATHS}},
                                  repeats=args.compare_repeats, **cmp)
+        result["sparse_paths"] = sparse
+        save("sparse_paths")
         print(f"sparse paths: {time.perf_counter() - t:.0f} s", flush=True)
         print(bench.format_table(sparse), flush=True)
 
-    compiled = try_compile(model, args) if args.compile else {"attempted": False}
+    if args.compile:
+        result["compile"] = try_compile(model, args)
+    save("done")
+    print(f"wrote {args.out} and {args.md} in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+    return 0
 
-    result = {"command": command, "main": main_r, "implementations": impls, "sparse_paths": sparse,
-              "compile": compiled, "plans": {n: p.to_dict() for n, p in plans.items()},
-              "wall_s": time.perf_counter() - t0}
-    atomic_write_json(args.out, result)
+
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def render_markdown(result: dict, json_path: str, extra: list[str] | None = None) -> str:
+    """docs/benchmarks.md from a result of this script (also used by --render-only)."""
+    from allocmoe.experts_fast import AUTO_LOOP_MAX_PAIRS
+
+    main_r, impls, sparse, compiled = result["main"], result["implementations"], result["sparse_paths"], \
+        result.get("compile") or {}
+    sa = result.get("script_args") or {}
     env = main_r["env"]
-    md = ["# Speed benchmark: DeepSeek-V2-Lite shape, 50% expert-activation budget", "",
-          "Generated by `scripts/bench_deepseek_v2_lite.py`; every figure below comes from one run of it.", "",
-          f"Command: `{command}`", "",
+    load = ""
+    if result.get("loadavg_start") and result.get("loadavg_end"):
+        busy = max(result["loadavg_start"][0], result["loadavg_end"][0]) > env["threads"] + 0.5
+        load = (f" Load average (1 min) at the start / end of the run: {result['loadavg_start'][0]:.2f} / "
+                f"{result['loadavg_end'][0]:.2f} on {env['cpu_count']} logical CPUs"
+                + (": other jobs ran on the machine and show in the min–max spreads; medians of interleaved runs "
+                   "absorb most of it, the ratios of the fastest runs (\"of mins\") are given beside them."
+                   if busy else " (about the benchmark's own threads: no other heavy job at those times); the ratios "
+                   "of the fastest runs (\"of mins\") are given beside the medians."))
+    partial = [] if result.get("complete", True) else [
+        "**Partial result**: the run stopped before all stages finished; the sections below are what it measured.",
+        ""]
+    md = ["# Speed benchmark: DeepSeek-V2-Lite shape, 50% expert-activation budget", "", *partial,
+          f"Generated by `scripts/bench_deepseek_v2_lite.py`; every figure below comes from one run of it (raw "
+          f"numbers: `{Path(json_path).name}`).{load}", "",
+          f"Command: `{result['command']}`", "",
           f"Threads: {env['threads']} (torch.get_num_threads()); torch {env['torch']}, transformers "
           f"{env['transformers']}, Python {env['python']}; {env['dtype']} on {env['device']} ({env['cpu']}, "
           f"{env['cpu_count']} logical CPUs); default experts implementation `{env['experts_implementation']}`; "
@@ -277,24 +332,32 @@ def main(argv=None) -> int:
     md += ["## Full model vs four 50% plans", "", bench.format_table(main_r), ""]
     if impls:
         md += ["## Experts implementations (`config._experts_implementation`)", "",
-               "Ratios are against the full model under the same implementation; `vs_reference_full` in bench.json "
-               "compares with the full model under grouped_mm. `allocmoe` is `allocmoe.experts_fast`'s kernels "
-               "registered as a transformers experts implementation (dense calls too): per call, one matmul per "
-               "active expert when the call has at most 64 slots (decode), the grouped kernel otherwise.", "",
-               bench.format_table(impls), ""]
+               f"Ratios are against the full model under the same implementation; `vs_reference_full` in "
+               f"{Path(json_path).name} compares with the full model under grouped_mm. `allocmoe` is "
+               "`allocmoe.experts_fast`'s kernels registered as a transformers experts implementation (dense calls "
+               f"too): per call, one matmul per active expert when the call has at most {AUTO_LOOP_MAX_PAIRS} slots, "
+               "the grouped kernel otherwise.", "", bench.format_table(impls), ""]
     if sparse:
         md += ["## allocmoe sparse experts paths (dropped slots), global policy", "",
                "`grouped` = one sort, one gather, one grouped matmul per projection, one index_add (default under "
                "grouped_mm); `loop` = the same with one matmul per active expert; `auto` = loop for calls with at "
-               "most 64 slots, grouped otherwise; `reference` = the previous path (compact, then the stock experts "
-               "forward on the pairs as top-1 tokens).", "",
-               bench.format_table(sparse), ""]
+               f"most {AUTO_LOOP_MAX_PAIRS} slots, grouped otherwise; `reference` = the previous path (compact, then "
+               "the stock experts forward on the pairs as top-1 tokens).", "", bench.format_table(sparse), ""]
     if compiled.get("attempted"):
         md += ["## torch.compile (report only)", "", "```", str(compiled), "```", ""]
-    md.append(NOTES.format(layers=args.layers, batched_gib=args.batched_mm_max_gib))
-    atomic_write_text(args.md, "\n".join(md) + "\n")
-    print(f"wrote {args.out} and {args.md} in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
-    return 0
+    for path in extra or []:
+        from allocmoe.io import load_json
+
+        other = load_json(path, "benchmark result")
+        om = other["main"]
+        oenv = om["env"]
+        md += [f"## The same benchmark in {oenv['dtype']} (separate run, raw numbers: `{Path(path).name}`)", "",
+               f"Command: `{other['command']}`; threads {oenv['threads']}; wall time {other['wall_s'] / 60:.1f} min.",
+               ""]
+        md += summary_lines(om, None, None)[2:]
+        md += [bench.format_table(om), ""]
+    md.append(NOTES.format(layers=sa.get("layers", 4), batched_gib=sa.get("batched_mm_max_gib", 0.5)))
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

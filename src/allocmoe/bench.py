@@ -15,7 +15,8 @@ What is measured (every figure comes from this run; nothing is hard-coded):
   would let each plan wander to other tokens.
 - runs are interleaved: each round runs every config once (full, plan A, plan B, ...; the starting
   config rotates each round), the first `warmup` rounds are discarded, and median / min / max are
-  reported per config. Speed-up = full median / plan median.
+  reported per config. Speed-up = full median / plan median; `speedup_of_mins` = full min / plan min
+  is reported beside it (on a shared machine other processes only ever add time).
 - decoder-block time: a forward pre-hook on the first decoder layer and a forward hook on the last
   one, in every run, time the decoder stack alone (embedding, final norm and LM head excluded). The
   decoder-only speed-up is the same ratio of medians over that time.
@@ -559,6 +560,9 @@ def _phase_result(phase: Phase, rows: dict, skipped: dict, configs: list[_Config
         if "median_s" in ref:
             d["speedup"] = ref["median_s"] / d["median_s"]
             d["decoder_speedup"] = (ref["decoder_median_s"] / d["decoder_median_s"]) if d["decoder_median_s"] else None
+            # ratio of the fastest runs: other processes on a shared machine only ever add time
+            d["speedup_of_mins"] = ref["min_s"] / d["min_s"]
+            d["decoder_speedup_of_mins"] = (ref["decoder_min_s"] / d["decoder_min_s"]) if d["decoder_min_s"] else None
             a_full = ref.get("activations_per_token")
             if a_full and d["activations_per_token"] is not None:
                 d["activation_fraction"] = d["activations_per_token"] / a_full
@@ -700,10 +704,14 @@ def amdahl(model: nn.Module | None, result: dict, *, share: dict | None = None, 
             ideal = ideal_speedup(f, a_plan, a_full)
             row = {"f": f, "activations_per_token": a_plan, "activations_full": a_full, "ideal_speedup": ideal,
                    "achieved_speedup": d["speedup"], "achieved_over_ideal": d["speedup"] / ideal}
+            if d.get("speedup_of_mins"):
+                row["achieved_over_ideal_of_mins"] = d["speedup_of_mins"] / ideal
             if fd is not None and d.get("decoder_speedup"):
                 ideal_d = ideal_speedup(fd, a_plan, a_full)
                 row.update(f_decoder=fd, ideal_decoder_speedup=ideal_d, achieved_decoder_speedup=d["decoder_speedup"],
                            decoder_achieved_over_ideal=d["decoder_speedup"] / ideal_d)
+                if d.get("decoder_speedup_of_mins"):
+                    row["decoder_achieved_over_ideal_of_mins"] = d["decoder_speedup_of_mins"] / ideal_d
             rows[c] = row
         sh = _share_for(share, default_impl, phase.name) or {}
         entry = {**sh, "configs": rows}
@@ -743,13 +751,15 @@ def policy_overhead(result: dict, share: dict | None = None) -> dict:
                 continue
             row = {"fixed": fx, "raw_pct": 100.0 * (a["median_s"] / b["median_s"] - 1.0),
                    "decoder_raw_pct": 100.0 * (a["decoder_median_s"] / b["decoder_median_s"] - 1.0),
+                   "raw_of_mins_pct": 100.0 * (a["min_s"] / b["min_s"] - 1.0),
                    "activations_policy": a["activations_per_token"], "activations_fixed": b["activations_per_token"]}
             ref = ph["configs"].get(meta.get("reference", result["reference"]), {})
             a_full = ref.get("activations_per_token")
             sh = _share_for(share, impl, pname) if share else None
             if sh and a_full:
                 for key, fk, tk in (("at_equal_activations_pct", "f", "median_s"),
-                                    ("decoder_at_equal_activations_pct", "f_decoder", "decoder_median_s")):
+                                    ("decoder_at_equal_activations_pct", "f_decoder", "decoder_median_s"),
+                                    ("of_mins_at_equal_activations_pct", "f", "min_s")):
                     f = sh.get(fk)
                     if f is None:
                         continue
@@ -794,13 +804,14 @@ def format_table(result: dict) -> str:
         unit = "ms/step" if ph["kind"] == "decode" else "ms"
         div = ph["tokens"] if ph["kind"] == "decode" else 1
         lines.append(f"| config | policy | act/token (measured) | median {unit} | min–max {unit} | speed-up | "
-                     "ideal (Amdahl) | achieved/ideal | decoder speed-up | decoder ideal | decoder achieved/ideal |")
-        lines.append("|" + "---|" * 11)
+                     "ideal (Amdahl) | achieved/ideal | decoder speed-up | decoder ideal | decoder achieved/ideal | "
+                     "speed-up of mins (achieved/ideal) |")
+        lines.append("|" + "---|" * 12)
         for c, d in ph["configs"].items():
             meta = result["configs"][c]
             pol = meta["summary"]["policy"] if meta.get("summary") else "(unpatched)"
             if "skipped" in d:
-                lines.append(f"| {c} | {pol} | | {d['skipped']} | | | | | | | |")
+                lines.append(f"| {c} | {pol} | | {d['skipped']} | | | | | | | | |")
                 continue
             r = a.get("configs", {}).get(c, {})
             lines.append(
@@ -808,19 +819,22 @@ def format_table(result: dict) -> str:
                 f"{1e3 * d['min_s'] / div:.1f}–{1e3 * d['max_s'] / div:.1f} | {_f(d.get('speedup'), '{:.3f}')} | "
                 f"{_f(r.get('ideal_speedup'), '{:.3f}')} | {_f(r.get('achieved_over_ideal'), '{:.1%}')} | "
                 f"{_f(d.get('decoder_speedup'), '{:.3f}')} | {_f(r.get('ideal_decoder_speedup'), '{:.3f}')} | "
-                f"{_f(r.get('decoder_achieved_over_ideal'), '{:.1%}')} |")
+                f"{_f(r.get('decoder_achieved_over_ideal'), '{:.1%}')} | {_f(d.get('speedup_of_mins'), '{:.3f}')}"
+                + (f" ({r['achieved_over_ideal_of_mins']:.1%})" if r.get("achieved_over_ideal_of_mins") else "") + " |")
         lines.append("")
     ov = result.get("amdahl", {}).get("token_policy_overhead") or policy_overhead(result)
     if ov:
         lines += ["### Token-policy overhead vs the fixed plan with the same per-layer k", "",
                   "| policy plan | phase | fixed plan | act/token policy / fixed | time overhead | "
-                  "at equal activations | decoder overhead | decoder at equal activations |", "|" + "---|" * 8]
+                  "at equal activations | decoder overhead | decoder at equal activations | overhead of mins |",
+                  "|" + "---|" * 9]
         for c, per in ov.items():
             for pname, r in per.items():
                 lines.append(
                     f"| {c} | {pname} | {r['fixed']} | {_f(r['activations_policy'])} / {_f(r['activations_fixed'])} | "
                     f"{r['raw_pct']:+.1f}% | {_f(r.get('at_equal_activations_pct'), '{:+.1f}%')} | "
-                    f"{r['decoder_raw_pct']:+.1f}% | {_f(r.get('decoder_at_equal_activations_pct'), '{:+.1f}%')} |")
+                    f"{r['decoder_raw_pct']:+.1f}% | {_f(r.get('decoder_at_equal_activations_pct'), '{:+.1f}%')} | "
+                    f"{r['raw_of_mins_pct']:+.1f}% |")
         lines.append("")
     return "\n".join(lines)
 
