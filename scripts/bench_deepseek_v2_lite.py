@@ -351,7 +351,8 @@ def render_markdown(result: dict, json_path: str, extra: list[str] | None = None
         other = load_json(path, "benchmark result")
         om = other["main"]
         oenv = om["env"]
-        md += [f"## The same benchmark in {oenv['dtype']} (separate run, raw numbers: `{Path(path).name}`)", "",
+        shape = ", ".join(ph.get("description", name) for name, ph in om["phases"].items())
+        md += [f"## Separate run: {oenv['dtype']}; {shape} (raw numbers: `{Path(path).name}`)", "",
                f"Command: `{other['command']}`; threads {oenv['threads']}; wall time {other['wall_s'] / 60:.1f} min.",
                ""]
         md += summary_lines(om, None, None)[2:]

@@ -80,3 +80,16 @@ def test_cli_eval_and_generate(setup, tmp_path):
     r = cli("generate", "--model", model, "--plan", plan, "--prompt", "It is a", "--max-new-tokens", "5")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("It is a") and "activations/token 4.00" in r.stderr
+
+
+@pytest.mark.parametrize("args, names", [
+    (["eval", "--out", "x.json", "--max-examples", "0"], "--max-examples"),
+    (["eval", "--out", "x.json", "--batch-size", "abc"], "--batch-size"),
+    (["info", "--bogus"], "--bogus"),
+])
+def test_cli_usage_errors_are_short_and_name_the_option(args, names, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "allocmoe.cli", *args], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 2
+    assert names in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -174,9 +174,9 @@ def eval_cmd(
     data: Optional[List[Path]] = typer.Option(None, "--data", help="Text file(s) for perplexity (default: built-in validation split)."),
     task: Optional[List[Path]] = typer.Option(None, "--task", help="BIG-bench-style JSON task(s) (default: the shipped tasks)."),
     seq_len: int = typer.Option(256, help="Window length in tokens (non-overlapping windows)."),
-    max_tokens: Optional[int] = typer.Option(None, help="Cap on scored tokens for perplexity."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    max_examples: Optional[int] = typer.Option(None, help="Cap on examples per task."),
+    max_tokens: Optional[int] = typer.Option(None, min=1, help="Cap on scored tokens for perplexity."),
+    batch_size: int = typer.Option(8, min=1, help="Windows per forward pass."),
+    max_examples: Optional[int] = typer.Option(None, min=1, help="Cap on examples per task."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     force: bool = ForceOpt,
 ):
@@ -348,10 +348,10 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors etc.
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # usage errors (bad option values, unknown options)
+        # typer >= 0.26 vendors click (typer._click), so its exceptions are not click.ClickException;
+        # both kinds have show() and exit_code
+        if any(c.__name__ == "ClickException" for c in type(e).__mro__):
             e.show()
             sys.exit(e.exit_code)
         raise
