@@ -187,6 +187,8 @@ NOTES = """## Notes on the method
   of active experts. In prefill every expert is active at both budgets and gets tens of rows; a CPU matmul with
   half the rows costs more than half (the weights are still streamed once and small-row GEMMs run below peak),
   so the experts' time falls by less than the activations — this is where prefill stays below the limit.
+  With a longer prompt each expert gets more rows, the matmuls become compute-bound and the gap closes (the
+  separate 1 x 2048 prefill run, where present, measures this).
 - Token-policy overhead: the policy plan's median over the fixed plan's with the same per-layer k; "at equal
   activations" first moves the fixed time to the policy's measured activations with the same Amdahl model
   (the threshold policy's measured activations differ from its calibration target).
