@@ -7,6 +7,16 @@ layers with many fine-grained routed experts (top-6 greedy routing, no top-k
 renormalisation) plus a shared expert, and MLA attention.  It is trained on
 the public-domain prose corpus produced by ``scripts/build_corpus.py``.
 
+Routers are the testbed's crux.  Trained like the other weights, tiny MoE
+routers either stay near uniform and change their choices as they learn (each
+expert then sees arbitrary tokens and learns the same function, so any one of
+the top-6 does the work of all six) or collapse onto one or two experts (the
+rest carry no weight).  Either way halving the experts costs almost nothing.
+The default recipe gives routers a small init and a slow learning rate
+(x0.02): routing is a consistent function of the hidden state from step 0, so
+experts specialise, and the top-6 weights stay flat, so the lower-ranked
+experts matter; routed_scaling_factor 8 keeps the routed path O(1).
+
 Steps (each is idempotent):
 
 * ``tokenizer``: byte-level BPE (``tokenizers``) on ``corpus_build/train.txt``
@@ -26,8 +36,8 @@ Example::
 
     .venv/bin/python scripts/train_default_model.py tokenizer
     .venv/bin/python scripts/train_default_model.py bench --seconds 60
-    nohup .venv/bin/python scripts/train_default_model.py train --steps 3000 \\
-        > corpus_build/train.log 2>&1 &
+    nohup .venv/bin/python scripts/train_default_model.py train --steps 4500 \\
+        > corpus_build/train.log 2>&1 &       # the exact (staged) commands: TRAINING.md
     .venv/bin/python scripts/train_default_model.py eval
 """
 
@@ -295,7 +305,7 @@ def train_loop(args, bench_seconds: float | None = None):
     tok = load_tokenizer(TOK_DIR)
     data = encode_file(tok, BUILD / "train.txt", BUILD / "train_ids.npy")
     val = encode_file(tok, VAL_TXT, BUILD / "val_ids.npy")
-    model = build_model(tok, args.seed, args.experts_impl, routed_scaling_factor=args.routed_scale)
+    model = build_model(tok, args.seed, args.experts_impl, **shape_overrides(args))
     cfg = model.config
     with torch.no_grad():  # larger router init: token-dependent routing from step 0, so experts specialise
         g = torch.Generator().manual_seed(args.seed + 1)
@@ -323,8 +333,8 @@ def train_loop(args, bench_seconds: float | None = None):
     )
     step0 = 0
     elapsed0 = 0.0
-    if getattr(args, "resume", False) and (CKPT_DIR / "ckpt.pt").exists():
-        ck = torch.load(CKPT_DIR / "ckpt.pt", map_location="cpu", weights_only=False)
+    if getattr(args, "resume", False) and (args.ckpt_dir / "ckpt.pt").exists():
+        ck = torch.load(args.ckpt_dir / "ckpt.pt", map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step0 = ck["step"]
@@ -366,16 +376,21 @@ def train_loop(args, bench_seconds: float | None = None):
         if (step + 1) % args.log_every == 0:
             worst = {k: f"{(v.max() / v.mean()):.2f}" for k, v in usage_acc.items()}
             usage_acc = None
-            vl = eval_loss(model, val, args.seq, max_windows=32)
+            vl, vh = half_budget_probe(model, val, args.seq)
             el = elapsed0 + time.time() - t_start
             print(
                 f"\nstep {step + 1}/{total} ce_ema {ema:.4f} bal {bal.item():.4f} val {vl:.4f} "
+                f"half-K val ppl +{100 * (math.exp(vh - vl) - 1):.2f}% "
                 f"elapsed {el / 60:.1f} min  max/mean expert load {worst}",
                 flush=True,
             )
         if bench_seconds is None and time.time() - last_ckpt > args.ckpt_minutes * 60:
-            save_ckpt(CKPT_DIR, model, opt, step + 1, {"elapsed": elapsed0 + time.time() - t_start})
+            save_ckpt(args.ckpt_dir, model, opt, step + 1, {"elapsed": elapsed0 + time.time() - t_start})
             last_ckpt = time.time()
+        if bench_seconds is None and getattr(args, "stop_step", None) and step + 1 >= args.stop_step:
+            save_ckpt(args.ckpt_dir, model, opt, step + 1, {"elapsed": elapsed0 + time.time() - t_start})
+            print(f"\nstopped at step {step + 1} (--stop-step); continue with --resume", flush=True)
+            break
         if bench_seconds is None and args.max_minutes and elapsed0 + time.time() - t_start > args.max_minutes * 60:
             print(f"\nmax wall time reached at step {step + 1}; stopping early", flush=True)
             break
@@ -396,6 +411,30 @@ class _null:
         return False
 
 
+def shape_overrides(args) -> dict:
+    """Config overrides from the command line's shape flags."""
+    return dict(
+        routed_scaling_factor=args.routed_scale,
+        n_routed_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        moe_intermediate_size=args.expert_width,
+        n_shared_experts=args.shared,
+        intermediate_size=args.dense_width,
+    )
+
+
+@torch.no_grad()
+def half_budget_probe(model, val: np.ndarray, seq: int, windows: int = 24) -> tuple[float, float]:
+    """Validation loss at full top-K and with every MoE layer at top-ceil(K/2) (the stock router's
+    ``top_k``), on the first ``windows`` windows: watches whether halving the experts starts to cost."""
+    k = model.config.num_experts_per_tok
+    full = eval_loss(model, val, seq, max_windows=windows)
+    set_topk(model, math.ceil(k / 2))
+    half = eval_loss(model, val, seq, max_windows=windows)
+    set_topk(model, k)
+    return full, half
+
+
 def cmd_bench(args):
     train_loop(args, bench_seconds=args.seconds)
 
@@ -403,20 +442,22 @@ def cmd_bench(args):
 def cmd_train(args):
     t0 = time.time()
     model, tok, data, val, steps_done, wall, ema = train_loop(args)
+    if args.stop_step and steps_done >= args.stop_step and steps_done < args.steps:
+        return  # a staged run: the training state is in --ckpt-dir, nothing to save yet
     torch.set_num_threads(args.threads)
     vl = eval_loss(model, val, args.seq)
     tl = eval_loss(model, data[: 256 * 257], args.seq)  # first 256 windows of train
     print(f"final: val loss {vl:.4f} (ppl {math.exp(vl):.2f}), train-slice loss {tl:.4f}", flush=True)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True
     model = model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
-    model.save_pretrained(OUT_DIR, safe_serialization=True)
-    tok.save_pretrained(OUT_DIR)
+    model.save_pretrained(args.out_dir, safe_serialization=True)
+    tok.save_pretrained(args.out_dir)
     tokens_seen = steps_done * args.batch * args.seq
     cmd = " ".join(["python", "scripts/train_default_model.py"] + sys.argv[1:])
     n_params = sum(p.numel() for p in model.parameters())
-    size = sum(f.stat().st_size for f in OUT_DIR.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in args.out_dir.glob("*.safetensors"))
     cfg = model.config
     md = f"""# allocmoe default model -- training record
 
@@ -439,7 +480,7 @@ public-domain English prose corpus in `src/allocmoe/assets/data/SOURCES.md`.
 ## Training
 
 * command: `{cmd}` (after `scripts/build_corpus.py` and `scripts/train_default_model.py tokenizer`)
-* hardware: 1 CPU thread (`torch.set_num_threads({args.threads})`), {'bf16 autocast' if args.bf16 else 'fp32'}
+* hardware: {args.threads} CPU thread(s) (`torch.set_num_threads({args.threads})`), {'bf16 autocast' if args.bf16 else 'fp32'}
 * steps: {steps_done} x batch {args.batch} x seq {args.seq} = {tokens_seen / 1e6:.2f} M tokens seen
   (train split: {len(data) / 1e6:.2f} M tokens)
 * optimiser: AdamW (betas 0.9/0.95, wd {args.wd}), peak lr {args.lr}, {args.warmup} warmup steps, cosine to 10 %
@@ -450,7 +491,7 @@ public-domain English prose corpus in `src/allocmoe/assets/data/SOURCES.md`.
 * final loss on the first 256 train windows: {tl:.4f}
 * final validation loss (all non-overlapping 256-token windows of validation.txt): {vl:.4f} (perplexity {math.exp(vl):.2f})
 """
-    (OUT_DIR / "TRAINING.md").write_text(md)
+    (args.out_dir / "TRAINING.md").write_text(md)
     (BUILD / "train_result.json").write_text(
         json.dumps(
             {
@@ -467,7 +508,7 @@ public-domain English prose corpus in `src/allocmoe/assets/data/SOURCES.md`.
             indent=2,
         )
     )
-    print(f"saved -> {OUT_DIR}", flush=True)
+    print(f"saved -> {args.out_dir}", flush=True)
 
 
 # --------------------------------------------------------------------------
@@ -484,12 +525,12 @@ def cmd_eval(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(OUT_DIR)
-    model = AutoModelForCausalLM.from_pretrained(OUT_DIR, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.eval()
     val = encode_file(tok, VAL_TXT)
     k_full = model.config.num_experts_per_tok
-    half = k_full // 2
+    half = math.ceil(k_full / 2)
     res: dict = {"windows": (len(val) - 1) // args.seq, "seq": args.seq, "tokens": int(len(val))}
 
     def ppl():
@@ -497,7 +538,7 @@ def cmd_eval(args):
 
     t0 = time.time()
     base = ppl()
-    res["top6_ppl"] = base
+    res[f"top{k_full}_ppl"] = base
     print(f"top-{k_full}: ppl {base:.3f}  ({time.time() - t0:.0f}s)", flush=True)
     set_topk(model, half)
     uni = ppl()
@@ -547,16 +588,23 @@ def main(argv=None):
         p.add_argument("--wd", type=float, default=0.1)
         p.add_argument("--warmup", type=int, default=100)
         p.add_argument("--aux", type=float, default=0.01)
-        p.add_argument("--router-lr-mult", type=float, default=5.0, help="learning-rate multiplier for routers")
-        p.add_argument("--router-init-std", type=float, default=0.06, help="std of the router weight init")
-        p.add_argument("--zloss", type=float, default=5e-3, help="router z-loss coefficient")
+        p.add_argument("--router-lr-mult", type=float, default=0.02, help="learning-rate multiplier for routers")
+        p.add_argument("--router-init-std", type=float, default=0.02, help="std of the router weight init")
+        p.add_argument("--zloss", type=float, default=0.0, help="router z-loss coefficient")
         p.add_argument(
             "--routed-scale",
             type=float,
-            default=4.0,
+            default=8.0,
             help="routed_scaling_factor (DeepSeek-V2 uses 16, V2-Lite 1): top-6 softmax weights over 48 "
             "experts sum to well below 1, this keeps the routed path O(1)",
         )
+        p.add_argument("--experts", type=int, default=48, help="routed experts per MoE layer")
+        p.add_argument("--top-k", type=int, default=6, help="experts per token")
+        p.add_argument("--expert-width", type=int, default=64, help="moe_intermediate_size")
+        p.add_argument("--shared", type=int, default=1, help="shared experts")
+        p.add_argument("--dense-width", type=int, default=768, help="intermediate_size of the dense first layer")
+        p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the checkpoint is saved")
+        p.add_argument("--ckpt-dir", type=Path, default=CKPT_DIR, help="resumable training state")
         p.add_argument("--seed", type=int, default=1234)
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -565,10 +613,13 @@ def main(argv=None):
         p.add_argument("--ckpt-minutes", type=float, default=5.0)
         p.add_argument("--max-minutes", type=float, default=None)
         p.add_argument("--resume", action="store_true")
+        p.add_argument("--stop-step", type=int, default=None,
+                       help="stop after this step, keeping the resumable state (for staged runs)")
         if name == "bench":
             p.add_argument("--seconds", type=float, default=60)
     e = sub.add_parser("eval")
     e.add_argument("--seq", type=int, default=256)
+    e.add_argument("--model", type=Path, default=OUT_DIR)
     e.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     {"tokenizer": cmd_tokenizer, "train": cmd_train, "bench": cmd_bench, "eval": cmd_eval}[args.cmd](args)
