@@ -213,18 +213,7 @@ class _Runner:
                 (ids,) = self.inputs(phase)
                 if between:
                     between("start")
-                gc_was = gc.isenabled()
-                gc.disable()
-                try:
-                    self.decoder_s = 0.0
-                    _sync(self.device)
-                    t = time.perf_counter()
-                    m(input_ids=ids, use_cache=True, **self.logits_kw)
-                    _sync(self.device)
-                    return time.perf_counter() - t, self.decoder_s
-                finally:
-                    if gc_was:
-                        gc.enable()
+                return self._timed(lambda: m(input_ids=ids, use_cache=True, **self.logits_kw))
             prompt, cont = self.inputs(phase)
             cfg = m.config
             saved = getattr(cfg, "_experts_implementation", None)
@@ -238,20 +227,28 @@ class _Runner:
             cache = _cache_of(out)
             if between:
                 between("start")
-            gc_was = gc.isenabled()
-            gc.disable()
-            try:
-                self.decoder_s = 0.0
-                _sync(self.device)
-                t = time.perf_counter()
+
+            def steps():
+                nonlocal cache
                 for i in range(phase.tokens):
-                    out = m(input_ids=cont[:, i:i + 1], use_cache=True, **{self.cache_kw: cache})
-                    cache = _cache_of(out)
-                _sync(self.device)
-                return time.perf_counter() - t, self.decoder_s
-            finally:
-                if gc_was:
-                    gc.enable()
+                    cache = _cache_of(m(input_ids=cont[:, i:i + 1], use_cache=True, **{self.cache_kw: cache}))
+
+            return self._timed(steps)
+
+    def _timed(self, work) -> tuple[float, float]:
+        """(seconds, decoder seconds) of `work()`, device-synchronised, with the garbage collector paused."""
+        gc_was = gc.isenabled()
+        gc.disable()
+        try:
+            self.decoder_s = 0.0
+            _sync(self.device)
+            t = time.perf_counter()
+            work()
+            _sync(self.device)
+            return time.perf_counter() - t, self.decoder_s
+        finally:
+            if gc_was:
+                gc.enable()
 
 
 def _cache_of(out):
