@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from allocmoe.allocate import (
+from allocmoe.allocators import (
     _tie_tol,
-    allocate_matrix,
     dp_allocate,
     frontier,
     greedy_allocate,
@@ -16,6 +15,16 @@ from allocmoe.allocate import (
     uniform_allocate,
 )
 from allocmoe.errors import AllocMoeError, BudgetError, ProfileError
+from allocmoe.methods import METHODS, AllocationContext, get_method
+from allocmoe.profiling import Profile
+
+
+def allocate_matrix(S, ks, B, method, seed=0):
+    """Dispatch through the method registry, as `allocmoe.allocate` does."""
+    S = np.asarray(S, dtype=float).tolist()
+    ctx = AllocationContext(budget=B, k_values=list(ks), num_layers=len(S), seed=seed,
+                            profile=Profile(list(ks), S, "kl", 0, {}))
+    return METHODS[method].allocate(ctx)
 
 # -----------------------------------------------------------------------------
 # strategies / brute force
@@ -196,14 +205,16 @@ def test_greedy_ties_lowest_layer():
     assert greedy_allocate(np.zeros((3, 3)), [1, 2, 3], 7) == [1, 3, 3]
 
 
-def test_allocate_matrix_dispatch_and_unknown():
+def test_method_registry_dispatch_and_unknown():
     S = [[1.0, 0.0], [0.0, 1.0]]
     assert allocate_matrix(S, [1, 2], 3, "dp") == dp_allocate(S, [1, 2], 3) == [2, 1]
     assert allocate_matrix(S, [1, 2], 3, "uniform") == [2, 1]
     assert allocate_matrix(S, [1, 2], 3, "random", seed=5) == random_allocate(2, [1, 2], 3, seed=5)
+    assert {n for n, m in METHODS.items() if m.needs_profile} == {"dp", "greedy"}
     with pytest.raises(AllocMoeError) as e:
-        allocate_matrix(S, [1, 2], 3, "best")
-    assert str(e.value) == "unknown allocation method 'best'; valid methods: dp, uniform, random, greedy"
+        get_method("best")
+    assert str(e.value) == f"unknown allocation method 'best'; valid methods: {', '.join(METHODS)}"
+    assert e.value.param == "method"
 
 
 # -----------------------------------------------------------------------------

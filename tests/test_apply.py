@@ -125,7 +125,7 @@ def test_global_policy_in_model(models, ids, family):
     with allocmoe.apply(m, plan, record=True) as h:
         logits(m, ids)
         c = h.counts()
-        per_token = [(st.last_index >= 0).sum(-1) for st in h.states]
+        per_token = [(h.last_selection(l) >= 0).sum(-1) for l in range(L)]
     assert c["last"]["pairs_per_layer"] == [2 * ids.numel()] * L
     for n in per_token:
         assert n.min() >= 1 and n.max() <= 4
@@ -143,9 +143,9 @@ def test_padding_takes_no_budget(models, family):
     plan = allocmoe.make_plan(m, [2] * L, token_policy="global")
     with allocmoe.apply(m, plan, record=True) as h:
         a = logits(m, real, attention_mask=torch.ones_like(real))
-        sel_a = [st.last_index.clone() for st in h.states]
+        sel_a = [h.last_selection(l).clone() for l in range(L)]
         b = logits(m, padded, attention_mask=mask)
-        sel_b = [st.last_index for st in h.states]
+        sel_b = [h.last_selection(l) for l in range(L)]
         c = h.counts()
     for x, y in zip(sel_a, sel_b):
         w = x.shape[1]

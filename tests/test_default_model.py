@@ -117,7 +117,7 @@ def test_half_budget_costs_perplexity(model, tok):
     import math
 
     import allocmoe
-    from allocmoe.evaluate import perplexity
+    from allocmoe.evaluation import perplexity
 
     text = (DATA_DIR / "validation.txt").read_text(encoding="utf-8")
     full = perplexity(model, tok, text, max_tokens=8192, progress=False)["perplexity"]

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import allocmoe
 from allocmoe.errors import AllocMoeError, DataError, FileFormatError
-from allocmoe.evaluate import load_task, perplexity, score_task
+from allocmoe.evaluation import load_task, perplexity, score_task
 
 TASKS = Path(allocmoe.__file__).parent / "assets" / "tasks"
 CORPUS = [

@@ -1,16 +1,13 @@
 """Plan validation and the one-line errors of the API and the CLI."""
 
 import json
-import subprocess
-import sys
-
 import pytest
 import torch
 import transformers as tf
 
 import allocmoe
 from allocmoe import errors
-from allocmoe.testing import save_tiny, tiny_model
+from allocmoe.testing import invoke_cli, save_tiny, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +21,7 @@ def tiny_dirs(tmp_path_factory):
     return out
 
 
-def cli(*args, cwd=None):
-    r = subprocess.run([sys.executable, "-m", "allocmoe.cli", *map(str, args)], capture_output=True, text=True,
-                       cwd=cwd, timeout=300)
-    return r.returncode, r.stdout, r.stderr
+cli = invoke_cli  # in-process; tests/test_run_and_cli.py proves the console script itself works
 
 
 def test_plan_round_trip(tmp_path, models):
@@ -125,7 +119,7 @@ def test_cli_allocate_uniform_and_apply(tiny_dirs, tmp_path):
     # an existing file is not overwritten silently
     rc, _, e = cli("allocate", "--model", tiny_dirs["qwen3_moe"], "--method", "uniform", "--budget", "7",
                    "--out", plan)
-    assert rc == 2 and "already exists; pass --force" in e
+    assert rc == 2 and "already exists; refusing to overwrite it (pass --force to overwrite)" in e
 
 
 @pytest.mark.parametrize(

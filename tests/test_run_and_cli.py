@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from allocmoe.run import RunSettings, run
-from allocmoe.testing import save_tiny
+from allocmoe.testing import invoke_cli, save_tiny
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. ") * 40
@@ -51,35 +51,38 @@ def test_run_writes_well_formed_report(setup):
     # refuses to write into a non-empty directory without --force
     from allocmoe.errors import OutputExistsError
 
-    with pytest.raises(OutputExistsError, match="is not empty; pass --force"):
+    with pytest.raises(OutputExistsError, match="is not empty; refusing to overwrite"):
         run(model, out, s)
 
 
-def cli(*args):
+def console_script(*args, cwd=None):
+    """The installed entry point in a child process (most CLI tests run in-process with `invoke_cli`)."""
     return subprocess.run([sys.executable, "-m", "allocmoe.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=cwd)
 
 
-def test_cli_run_refuses_non_empty_dir(setup, tmp_path):
+def test_console_script_refuses_non_empty_dir(setup, tmp_path):
     d, model = setup
     (tmp_path / "keep.txt").write_text("mine")
-    r = cli("run", "--model", model, "--out", tmp_path)
-    assert r.returncode == 2 and "is not empty; pass --force" in r.stderr
+    r = console_script("run", "--model", model, "--out", tmp_path)
+    assert r.returncode == 2 and "is not empty; refusing to overwrite its files (pass --force to overwrite)" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
 def test_cli_eval_and_generate(setup, tmp_path):
     d, model = setup
     plan = tmp_path / "plan.json"
-    assert cli("allocate", "--model", model, "--method", "uniform", "--budget", "4", "--out", plan).returncode == 0
-    r = cli("eval", "--model", model, "--plan", plan, "--data", d / "text.txt", "--task", d / "task.json",
-            "--seq-len", "64", "--out", tmp_path / "eval.json")
-    assert r.returncode == 0, r.stderr
+    assert invoke_cli("allocate", "--model", model, "--method", "uniform", "--budget", "4", "--out", plan)[0] == 0
+    rc, out, err = invoke_cli("eval", "--model", model, "--plan", plan, "--data", d / "text.txt", "--task",
+                              d / "task.json", "--seq-len", "64", "--out", tmp_path / "eval.json")
+    assert rc == 0, err
     e = json.loads((tmp_path / "eval.json").read_text())
     assert e["activations_per_token"] == 4 and e["perplexity"] > 1 and e["tasks"]["toy"]["n"] == 2
-    r = cli("generate", "--model", model, "--plan", plan, "--prompt", "It is a", "--max-new-tokens", "5")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("It is a") and "activations/token 4.00" in r.stderr
+    rc, out, err = invoke_cli("generate", "--model", model, "--plan", plan, "--prompt", "It is a",
+                              "--max-new-tokens", "5")
+    assert rc == 0, err
+    assert out.startswith("It is a") and "activations/token 4.00" in err
 
 
 @pytest.mark.parametrize("args, names", [
@@ -87,9 +90,9 @@ def test_cli_eval_and_generate(setup, tmp_path):
     (["eval", "--out", "x.json", "--batch-size", "abc"], "--batch-size"),
     (["info", "--bogus"], "--bogus"),
 ])
-def test_cli_usage_errors_are_short_and_name_the_option(args, names, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "allocmoe.cli", *args], capture_output=True, text=True,
-                       timeout=300, cwd=tmp_path)
-    assert r.returncode == 2
-    assert names in r.stderr and "Traceback" not in r.stderr
+def test_cli_usage_errors_are_short_and_name_the_option(args, names, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = invoke_cli(*args)
+    assert rc == 2
+    assert names in err and "Traceback" not in err
     assert not (tmp_path / "x.json").exists()

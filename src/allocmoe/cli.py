@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import AllocMoeError
+from .methods import METHODS
 from .models import load_model
+from .policies import TOKEN_POLICIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run a Mixture-of-Experts model under an expert-activation budget (Alloc-MoE).")
@@ -21,6 +23,10 @@ err = Console(stderr=True)
 out = Console()
 
 MODEL_HELP = "Local Hugging Face model directory or hub id (default: the built-in model)."
+_METHOD_HELP = "; ".join(f"{n}: {m.summary}" + (" (needs --profile)" if m.needs_profile else "")
+                         for n, m in METHODS.items())
+_POLICY_HELP = "; ".join(f"{n}: {p.summary}" + (" (calibrated on text)" if p.calibrated else "")
+                         for n, p in TOKEN_POLICIES.items())
 ModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP)
 ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output file.")
 
@@ -45,31 +51,12 @@ def info(model: Optional[str] = ModelOpt, as_json: bool = typer.Option(False, "-
     """Architecture, MoE layers, experts, top-k, shared experts and parameter counts of a model."""
     from .adapters import find_moe_layers
     from .models import load_skeleton, parameter_counts
+    from .plan import model_description
 
     m, path = load_skeleton(model)
     layers = find_moe_layers(m)
-    cfg = m.config
     params = parameter_counts(m, layers)
-    experts = sorted({l.num_experts for l in layers})
-    topk = sorted({l.top_k for l in layers})
-    d = {
-        "path": path,
-        "architecture": (getattr(cfg, "architectures", None) or [type(m).__name__])[0],
-        "model_type": cfg.model_type,
-        "family": layers[0].adapter.name,
-        "decoder_layers": getattr(cfg, "num_hidden_layers", None),
-        "moe_layers": len(layers),
-        "moe_layer_names": [l.name for l in layers],
-        "dense_layers": (getattr(cfg, "num_hidden_layers", len(layers)) or len(layers)) - len(layers),
-        "num_experts": experts[0] if len(experts) == 1 else [l.num_experts for l in layers],
-        "top_k": topk[0] if len(topk) == 1 else [l.top_k for l in layers],
-        "shared_experts": layers[0].shared_experts,
-        "activations_per_token": sum(l.top_k for l in layers),
-        "routing": layers[0].adapter.describe(layers[0].router),
-        "parameters": params,
-        "hidden_size": getattr(cfg, "hidden_size", None),
-        "vocab_size": getattr(cfg, "vocab_size", None),
-    }
+    d = {"path": path, **model_description(m, layers), "parameters": params}
     if as_json:
         print(json.dumps(d, indent=2))
         return
@@ -103,7 +90,7 @@ def profile(
     """Measure each MoE layer's sensitivity to running fewer experts (Alloc-L profiling)."""
     import time
 
-    from .profile import profile as run_profile
+    from .profiling import profile as run_profile
 
     _out_path(out_path, force or resume)
     m, tok, path = load_model(model, dtype)
@@ -121,8 +108,8 @@ def allocate(
     budget: str = typer.Option(..., "--budget", "-b", help="Fraction of the original budget (0.5) or integer activations per token (24)."),
     profile_path: Optional[Path] = typer.Option(None, "--profile", "-p", help="Profile JSON (needed by dp and greedy)."),
     model: Optional[str] = ModelOpt,
-    method: str = typer.Option("dp", help="dp (needs --profile), greedy (needs --profile), uniform, random, lexi."),
-    token_policy: str = typer.Option("fixed", help="fixed, global, threshold, top-p or naee (the last three are calibrated on text)."),
+    method: str = typer.Option("dp", help=_METHOD_HELP),
+    token_policy: str = typer.Option("fixed", help=_POLICY_HELP),
     renormalize: str = typer.Option("native", help="native, renorm or keep-mass."),
     min_k: int = typer.Option(1, help="Fewest experts per token (global/threshold/top-p/naee)."),
     max_k: Optional[int] = typer.Option(None, help="Most experts per token (default: the model's top-k)."),
@@ -134,30 +121,32 @@ def allocate(
     force: bool = ForceOpt,
 ):
     """Choose per-layer expert counts that meet a budget, and write a plan."""
+    from .methods import get_method
     from .models import load_skeleton
-    from .planning import NEEDS_PROFILE, allocate as run_allocate
-    from .profile import Profile
+    from .planning import allocate as run_allocate
+    from .policies import get_policy
+    from .profiling import Profile
 
     _out_path(out_path, force)
-    if method in NEEDS_PROFILE and profile_path is None:
-        raise AllocMoeError(f"method {method!r} needs --profile (run `allocmoe profile` first), "
-                            "or use --method uniform/random/lexi")
+    meth, pol = get_method(method), get_policy(token_policy)
+    if meth.needs_profile and profile_path is None:
+        raise AllocMoeError(f"method {method!r} needs --profile (run `allocmoe profile` first), or use --method "
+                            + "/".join(n for n, x in METHODS.items() if not x.needs_profile))
     prof = Profile.load(profile_path) if profile_path else None
     if prof is not None and metric:
         prof = prof.with_metric(metric)
-    calibrated = token_policy in ("threshold", "top-p", "naee")
+    needs_weights = pol.calibrated or meth.needs_model or meth.needs_windows
     m = tok = windows = None
-    if calibrated or method == "lexi" or (prof is None) or model is not None:
-        if calibrated or method == "lexi":
-            m, tok, _ = load_model(model)
-        else:
-            m, _ = load_skeleton(model)
-    if calibrated:
+    if needs_weights:
+        m, tok, _ = load_model(model)
+    elif prof is None or model is not None:
+        m, _ = load_skeleton(model)  # structure only: instant even for huge checkpoints
+    if pol.calibrated or meth.needs_windows:
         windows, _ = _windows(tok, data, tokens, seq_len)
     tp = {"name": token_policy, "min_k": min_k}
     if max_k is not None:
         tp["max_k"] = max_k
-    plan = run_allocate(prof if prof is not None else m, budget, method, model=m, token_policy=tp,
+    plan = run_allocate(m if m is not None else prof, budget, method, profile=prof, token_policy=tp,
                         renormalize=renormalize, seed=seed, windows=windows)
     plan.save(out_path)
     b = plan.budget
@@ -182,19 +171,18 @@ def eval_cmd(
 ):
     """Perplexity, bits per byte and task accuracy, with a plan applied, and the activations that really ran."""
     from .data import read_texts
-    from .evaluate import load_task
+    from .evaluation import evaluate, load_task, shipped_tasks
     from .io import atomic_write_json
     from .plan import Plan
-    from .run import RunSettings, evaluate_config, shipped_tasks
 
     _out_path(out_path, force)
     p = Plan.load(plan) if plan else None
     m, tok, path = load_model(model, dtype)
     texts, names = read_texts(data, "validation")
     tasks = [load_task(t) for t in (task or shipped_tasks())]
-    s = RunSettings(eval_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size, task_examples=max_examples)
     err.print(f"evaluating {path}" + (f" with plan {plan}" if plan else " (full model)"))
-    r = evaluate_config(m, tok, p, texts, tasks, s)
+    r = evaluate(m, p, tokenizer=tok, texts=texts, tasks=tasks, seq_len=seq_len, batch_size=batch_size,
+                 max_tokens=max_tokens, max_examples=max_examples)
     r = dict(r, model=path, plan=str(plan) if plan else None, data=names, seq_len=seq_len)
     atomic_write_json(out_path, r)
     err.print(f"perplexity {r['perplexity']:.3f}, bits/byte {r['bits_per_byte']:.4f}, "
@@ -249,7 +237,7 @@ def generate(
     """Continue a prompt with a plan applied and print the text and the activations it used."""
     import torch
 
-    from .apply import apply
+    from .patching import apply
     from .plan import Plan, full_plan
 
     m, tok, _ = load_model(model)
@@ -283,7 +271,7 @@ def lm_eval_cmd(
     force: bool = ForceOpt,
 ):
     """Hand the patched model to lm-evaluation-harness (HFLM) and write its results."""
-    from .apply import apply
+    from .patching import apply
     from .io import atomic_write_json
     from .lm_eval_adapter import run_lm_eval
     from .plan import Plan, full_plan
@@ -318,43 +306,99 @@ def bench(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     markdown: Optional[Path] = typer.Option(None, help="Also write the human table here."),
-    no_amdahl: bool = typer.Option(False, "--no-amdahl", help="Skip measuring the routed-expert share of time."),
+    no_amdahl: bool = typer.Option(False, "--no-amdahl", help="Skip measuring the routed-expert share of time "
+                                   "(ratios are then checked against A_full / A_plan only)."),
+    decode_prompt: int = typer.Option(16, help="Untimed prompt tokens before each decode run."),
+    seed: int = typer.Option(0, help="Seed of the random token ids."),
+    experts_implementation: Optional[str] = typer.Option(
+        None, help="config._experts_implementation for the run (grouped_mm, eager, batched_mm, allocmoe)."),
+    sparse_path: Optional[str] = typer.Option(
+        None, help="Kernel for calls with dropped slots (follow, auto, grouped, loop, batched, reference)."),
+    remeasure: bool = typer.Option(True, "--remeasure/--no-remeasure",
+                                   help="Time a phase once more when a ratio is above its limit or too spread."),
     force: bool = ForceOpt,
 ):
-    """Prefill and decode timings, full model vs plans, interleaved in one run, with ratios and the Amdahl limit."""
-    from .bench import bench_command, format_table
+    """Prefill and decode timings, full model vs plans, interleaved in one run, with ratios and the Amdahl limit.
+
+    Ratios more than 5% above their Amdahl limit, or from repeats whose IQR exceeds 10% of the median, are
+    marked unreliable (⚠ in the table, "flags" in the JSON); the load average and thread count are recorded.
+    """
+    import torch
+
+    from .bench import FULL, BenchSettings, default_plans, format_table, load_plans, run_bench
+    from .io import atomic_write_json, atomic_write_text
 
     _out_path(out_path, force)
+    if model and shape:
+        raise AllocMoeError("pass either --model or --shape, not both")
     try:
         batches = tuple(int(b) for b in decode_batches.split(",") if b.strip())
     except ValueError:
         raise AllocMoeError(f"--decode-batches must be comma-separated integers, got {decode_batches!r}") from None
-    r = bench_command(model, shape, [str(p) for p in plan or []], str(out_path), prefill_batch=prefill_batch,
-                      prefill_len=prefill_len, decode_batches=batches, decode_tokens=decode_tokens, repeats=repeats,
-                      warmup=warmup, threads=threads, dtype=dtype, device=device, amdahl=not no_amdahl,
-                      markdown=str(markdown) if markdown else None)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AllocMoeError("--device cuda was asked for but no CUDA device is available")
+    settings = BenchSettings(prefill_batch=prefill_batch, prefill_len=prefill_len, decode_batches=batches,
+                             decode_tokens=decode_tokens, decode_prompt=decode_prompt, repeats=repeats, warmup=warmup,
+                             seed=seed, threads=threads, experts_implementation=experts_implementation,
+                             sparse_path=sparse_path, amdahl=not no_amdahl, remeasure=remeasure)
+    if threads:
+        torch.set_num_threads(threads)
+    if shape:
+        from .models import DTYPES
+        from .shapes import build_shape
+
+        if dtype not in DTYPES or dtype == "auto":
+            raise AllocMoeError(f"unknown dtype {dtype!r} (choose float32, bfloat16 or float16)")
+        m = build_shape(shape, dtype=DTYPES[dtype], device=device)
+    else:
+        m, _, _ = load_model(model, dtype=dtype, device=device)
+    plans = load_plans([str(p) for p in plan or []]) or default_plans(m, 0.5)
+    r = run_bench(m, {FULL: None, **plans}, settings)
+    r["command"] = " ".join(["allocmoe"] + sys.argv[1:])
+    atomic_write_json(out_path, r)
+    if markdown:
+        atomic_write_text(markdown, format_table(r) + "\n")
     print(format_table(r))
     err.print(f"wrote {out_path}")
 
 
-def main() -> None:
+# Library errors name API parameters (`AllocMoeError.param`); the CLI adds the flag that sets each one.
+FLAG_HINTS = {
+    "force": "pass --force to overwrite", "resume": "--resume", "seq_len": "--seq-len", "model": "--model",
+    "data": "--data", "dtype": "--dtype", "method": "--method", "budget": "--budget",
+    "token_policy": "--token-policy", "max_tokens": "--max-tokens", "tokenizer": "--model", "record": None,
+}
+
+
+def error_line(e: AllocMoeError) -> str:
+    hint = FLAG_HINTS.get(getattr(e, "param", None) or "")
+    return f"{e} ({hint})" if hint else str(e)
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Run the command line on `argv` (default: sys.argv[1:]) and return the exit code; errors are one line."""
     try:
-        app(standalone_mode=False)
+        app(args=argv, prog_name="allocmoe", standalone_mode=False)
     except AllocMoeError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        err.print(f"[red]error:[/red] {error_line(e)}", highlight=False, soft_wrap=True)
+        return 2
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
-        sys.exit(130)
+        return 130
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        return e.exit_code
     except Exception as e:  # usage errors (bad option values, unknown options)
         # typer >= 0.26 vendors click (typer._click), so its exceptions are not click.ClickException;
         # both kinds have show() and exit_code
         if any(c.__name__ == "ClickException" for c in type(e).__mro__):
             e.show()
-            sys.exit(e.exit_code)
+            return e.exit_code
         raise
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_cli())
 
 
 if __name__ == "__main__":

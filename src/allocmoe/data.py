@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, SettingsError
 
 
 def builtin_text(split: str) -> Path:
     """Path of a shipped split of the built-in corpus: 'calibration' or 'validation'."""
     p = Path(str(resources.files("allocmoe") / "assets" / "data" / f"{split}.txt"))
     if not p.exists():
-        raise DataError(f"built-in {split} text is missing ({p}); reinstall allocmoe or pass --data")
+        raise DataError(f"built-in {split} text is missing ({p}); reinstall allocmoe or give your own text", param="data")
     return p
 
 
@@ -50,7 +50,7 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int | N
     if tokenizer is None:
         raise DataError("the model has no tokenizer; cannot tokenize text")
     if seq_len < 2:
-        raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+        raise SettingsError(f"seq_len must be at least 2, got {seq_len}", param="seq_len")
     ids: list[int] = []
     eos = getattr(tokenizer, "eos_token_id", None)
     for t in texts:
@@ -60,7 +60,7 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, max_tokens: int | N
     n = len(ids) // seq_len
     if n == 0:
         raise DataError(f"{name} is too short: {len(ids)} tokens, fewer than one window of {seq_len} "
-                        "(give more text or a smaller --seq-len)")
+                        "(give more text or a smaller seq_len)", param="seq_len")
     if max_tokens is not None:
         n = max(1, min(n, max_tokens // seq_len))
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)

@@ -1,12 +1,29 @@
 """Exception types. Every user-facing failure is one of these, with a one-line message.
 
-The CLI catches `AllocMoeError` and prints `error: <message>` with exit code 2, so the message must
-name the problem on its own (which file, which value, what was expected).
+Messages are in the terms of the Python API (parameter names such as `seq_len`, `force`). An error about
+one parameter names it in `param`; the CLI catches `AllocMoeError`, prints `error: <message>` with exit
+code 2 and adds the matching command-line flag as a hint (cli.py owns the flag names).
 """
 
 
 class AllocMoeError(Exception):
     """Base class: a problem with the user's input that the CLI reports in one line."""
+
+    def __init__(self, message: str = "", *, param: str | None = None):
+        super().__init__(message)
+        self.param = param  # the API parameter the problem is about, if one
+
+
+class SettingsError(AllocMoeError):
+    """An argument has an invalid value (unknown name, out of range, wrong combination)."""
+
+
+class ModelLoadError(AllocMoeError):
+    """A model cannot be found or loaded."""
+
+
+class DependencyError(AllocMoeError):
+    """An optional dependency is missing."""
 
 
 class NoMoELayersError(AllocMoeError):
@@ -31,6 +48,10 @@ class BudgetError(AllocMoeError):
 
 class ProfileError(AllocMoeError):
     """A profile file is malformed or does not fit the model."""
+
+
+class CalibrationError(AllocMoeError):
+    """A calibrated token policy cannot be tuned to its budget on the given text."""
 
 
 class DataError(AllocMoeError):

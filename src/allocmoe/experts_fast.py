@@ -23,7 +23,8 @@ Which kernel is used (`sparse path`):
 - `grouped` | `loop` | `batched`: always that one.
 - `reference`: the previous path (compact, then call the stock experts forward on the pairs as top-1
   tokens); kept as the oracle the tests compare against.
-Set it with `set_sparse_path(name)` or the environment variable `ALLOCMOE_SPARSE_EXPERTS`.
+Choose it with `allocmoe.apply(model, plan, sparse_path=...)` (or the handle's `sparse_path`); the default
+is the environment variable `ALLOCMOE_SPARSE_EXPERTS`, else `follow`.
 
 `register_experts_implementation()` also registers these kernels with transformers as the experts
 implementation "allocmoe" (`auto` for every call, dense or not), so the full model can run them too.
@@ -36,8 +37,6 @@ does for expert-parallel sentinels, so the matmul path itself needs no sync.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -45,23 +44,6 @@ SPARSE_PATHS = ("follow", "auto", "grouped", "loop", "batched", "reference")
 IMPL_NAME = "allocmoe"  # the experts implementation `register_experts_implementation` adds to transformers
 _IMPL_TO_PATH = {"grouped_mm": "grouped", "eager": "loop", "batched_mm": "batched", IMPL_NAME: "auto"}
 AUTO_LOOP_MAX_PAIRS = 16  # `auto`: calls with at most this many (token, slot) pairs use the loop path
-
-_state = {"path": os.environ.get("ALLOCMOE_SPARSE_EXPERTS", "follow")}
-if _state["path"] not in SPARSE_PATHS:
-    _state["path"] = "follow"
-
-
-def set_sparse_path(name: str) -> str:
-    """Choose the kernel for calls with dropped slots; returns the previous choice."""
-    if name not in SPARSE_PATHS:
-        raise ValueError(f"unknown sparse experts path {name!r} (choose from {', '.join(SPARSE_PATHS)})")
-    old, _state["path"] = _state["path"], name
-    return old
-
-
-def get_sparse_path() -> str:
-    return _state["path"]
-
 
 def supports_fast(module) -> bool:
     """Whether `module` is a transformers experts bank this module knows how to compute directly."""
@@ -76,9 +58,8 @@ def supports_fast(module) -> bool:
                                                                               torch.Tensor)
 
 
-def resolve_path(module, n_pairs: int | None = None) -> str:
-    """The concrete path (`grouped`, `loop`, `batched` or `reference`) for one call."""
-    path = _state["path"]
+def resolve_path(module, path: str, n_pairs: int | None = None) -> str:
+    """The concrete path (`grouped`, `loop`, `batched` or `reference`) for one call of `module`."""
     if path == "reference" or not supports_fast(module):
         return "reference"
     if path == "follow":
@@ -196,7 +177,7 @@ def sparse_experts_forward(module, hidden_states: torch.Tensor, top_k_index: tor
     E = module.num_experts
     M = top_k_index.shape[-1]
     if path is None:
-        path = resolve_path(module, top_k_index.numel())  # `auto` decides on the slot count (no sync)
+        path = resolve_path(module, "follow", top_k_index.numel())  # `auto` decides on the slot count (no sync)
     elif path == "auto":
         path = "loop" if top_k_index.numel() <= AUTO_LOOP_MAX_PAIRS else "grouped"
     if path == "reference":

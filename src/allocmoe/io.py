@@ -50,7 +50,7 @@ def check_can_write(path: str | os.PathLike, force: bool = False) -> None:
     """Refuse to silently overwrite an existing file."""
     p = Path(path)
     if p.exists() and not force:
-        raise OutputExistsError(f"{p} already exists; pass --force to overwrite it")
+        raise OutputExistsError(f"{p} already exists; refusing to overwrite it", param="force")
 
 
 def load_json(path: str | os.PathLike, what: str = "JSON file") -> Any:

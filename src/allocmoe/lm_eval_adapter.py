@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import AllocMoeError
+from .errors import DataError, DependencyError
 
 _MISSING = "lm-eval is not installed; pip install 'allocmoe[lm-eval]'"
 
@@ -31,11 +31,11 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = N
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise AllocMoeError(_MISSING) from None
+        raise DependencyError(_MISSING) from None
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError as e:  # lm-eval without its `hf` extra: accelerate (or peft) missing
-        raise AllocMoeError(f"lm-eval's HF backend cannot be imported ({e}); pip install 'lm-eval[hf]'") from None
+        raise DependencyError(f"lm-eval's HF backend cannot be imported ({e}); pip install 'lm-eval[hf]'") from None
 
     tm = None
     if include_path is not None:
@@ -46,7 +46,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], include_path: str | None = N
         tm = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
-        raise AllocMoeError(f"unknown lm-eval task(s): {', '.join(unknown)}"
+        raise DataError(f"unknown lm-eval task(s): {', '.join(unknown)}"
                             + ("" if include_path else " (pass include_path for local task YAMLs)"))
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AllocMoeError
+from .errors import ModelLoadError, SettingsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -27,16 +27,16 @@ def resolve(spec: str | os.PathLike | None) -> str:
     if spec is None or str(spec) in ("", "default", "builtin"):
         d = default_model_dir()
         if not (d / "config.json").exists():
-            raise AllocMoeError(f"the built-in model is missing from {d} (reinstall allocmoe or pass --model)")
+            raise ModelLoadError(f"the built-in model is missing from {d} (reinstall allocmoe or give a model)", param="model")
         return str(d)
     s = str(spec)
     p = Path(s).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
-            raise AllocMoeError(f"{p} is not a Hugging Face model directory (no config.json)")
+            raise ModelLoadError(f"{p} is not a Hugging Face model directory (no config.json)")
         return str(p.resolve())
     if s.startswith((".", "/", "~")) or s.count("/") > 1:
-        raise AllocMoeError(f"model directory {s} does not exist")
+        raise ModelLoadError(f"model directory {s} does not exist")
     return s  # a hub id
 
 
@@ -50,13 +50,13 @@ def local_path(spec: str | os.PathLike | None) -> str:
 
         return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"])
     except Exception as e:  # network down, unknown repo, gated...
-        raise AllocMoeError(f"cannot fetch model {ref!r} from the hub ({type(e).__name__}); "
-                            "pass a local directory with --model") from None
+        raise ModelLoadError(f"cannot fetch model {ref!r} from the hub ({type(e).__name__}); "
+                            "give a local model directory", param="model") from None
 
 
-def _hub_error(ref: str, e: Exception) -> AllocMoeError:
+def _hub_error(ref: str, e: Exception) -> ModelLoadError:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return AllocMoeError(f"cannot load model {ref!r}: {msg}")
+    return ModelLoadError(f"cannot load model {ref!r}: {msg}")
 
 
 def load_config(spec: str | os.PathLike | None):
@@ -75,7 +75,7 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", de
 
     path = local_path(spec)
     if dtype not in DTYPES:
-        raise AllocMoeError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        raise SettingsError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
     except Exception as e:

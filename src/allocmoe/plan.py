@@ -19,30 +19,54 @@ from . import __version__
 from .adapters import MoELayer, find_moe_layers
 from .errors import FileFormatError, ModelMismatchError, PlanError
 from .io import atomic_write_json, load_json
+from .policies import TOKEN_POLICIES
 
 PLAN_FORMAT = "allocmoe-plan"
 PLAN_VERSION = 1
-TOKEN_POLICIES = ("fixed", "global", "threshold", "top-p", "naee")
 RENORM_MODES = ("native", "renorm", "keep-mass")
 
 
-def fingerprint(layers: list[MoELayer], model: nn.Module | None = None) -> dict:
-    """What a plan or profile must match to be applied to a model."""
+def model_description(model: nn.Module | None, layers: list[MoELayer] | None = None) -> dict:
+    """What allocmoe knows about a model's MoE structure (`allocmoe info`; the fingerprint is a subset)."""
+    layers = layers if layers is not None else find_moe_layers(model)
     cfg = getattr(model, "config", None)
     archs = getattr(cfg, "architectures", None) or ([type(model).__name__] if model is not None else ["?"])
     experts = sorted({l.num_experts for l in layers})
     topk = sorted({l.top_k for l in layers})
+    n_decoder = getattr(cfg, "num_hidden_layers", None)
     return {
         "architecture": archs[0],
         "model_type": str(getattr(cfg, "model_type", "?")),
-        "num_moe_layers": len(layers),
+        "family": layers[0].adapter.name,
+        "decoder_layers": n_decoder,
+        "moe_layers": len(layers),
         "moe_layer_names": [l.name for l in layers],
+        "dense_layers": (n_decoder or len(layers)) - len(layers),
         "num_experts": experts[0] if len(experts) == 1 else [l.num_experts for l in layers],
         "top_k": topk[0] if len(topk) == 1 else [l.top_k for l in layers],
         "shared_experts": layers[0].shared_experts,
+        "activations_per_token": sum(l.top_k for l in layers),
+        "routing": layers[0].adapter.describe(layers[0].router),
         "hidden_size": getattr(cfg, "hidden_size", None),
-        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
         "name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
+    }
+
+
+def fingerprint(layers: list[MoELayer], model: nn.Module | None = None) -> dict:
+    """What a plan or profile must match to be applied to a model (a subset of `model_description`)."""
+    d = model_description(model, layers)
+    return {
+        "architecture": d["architecture"],
+        "model_type": d["model_type"],
+        "num_moe_layers": d["moe_layers"],
+        "moe_layer_names": d["moe_layer_names"],
+        "num_experts": d["num_experts"],
+        "top_k": d["top_k"],
+        "shared_experts": d["shared_experts"],
+        "hidden_size": d["hidden_size"],
+        "num_hidden_layers": d["decoder_layers"],
+        "name_or_path": d["name_or_path"],
     }
 
 
@@ -162,6 +186,7 @@ class Plan:
         name = self.policy
         if name not in TOKEN_POLICIES:
             raise PlanError(f"unknown token policy {name!r} (choose from {', '.join(TOKEN_POLICIES)})")
+        pol = TOKEN_POLICIES[name]
         if self.renormalize not in RENORM_MODES:
             raise PlanError(f"unknown renormalize mode {self.renormalize!r} (choose from {', '.join(RENORM_MODES)})")
         experts = _per_layer(self.model.get("num_experts"), len(self.layers))
@@ -170,10 +195,10 @@ class Plan:
             raise PlanError(f"token policy min_k must be an integer >= 1, got {min_k!r}")
         for i, (k, e) in enumerate(zip(self.ks, experts)):
             hi = e if max_k is None else min(e, max_k)
-            lo = min_k if name in ("fixed", "global") else 1
+            lo = min_k if pol.k_at_least_min_k else 1
             if not (lo <= k <= hi):
                 raise PlanError(f"layer {i}: k={k} is out of range [{lo}, {hi}]"
-                                + (" (min_k/max_k of the token policy)" if name != "fixed" else ""))
+                                + (" (min_k/max_k of the token policy)" if not pol.exact else ""))
         if max_k is not None and (not isinstance(max_k, int) or max_k < min_k):
             raise PlanError(f"token policy max_k must be an integer >= min_k ({min_k}), got {max_k!r}")
 
@@ -196,9 +221,10 @@ def make_plan(model_or_layers, ks: list[int], *, token_policy: str | dict = "fix
     if len(ks) != len(layers):
         raise PlanError(f"got {len(ks)} per-layer counts for a model with {len(layers)} MoE layers")
     tp = {"name": token_policy} if isinstance(token_policy, str) else dict(token_policy)
-    if tp["name"] != "fixed":
-        tp.setdefault("min_k", 1)
-        tp.setdefault("max_k", max(max(l.top_k for l in layers), max(ks)))
+    if tp.get("name") not in TOKEN_POLICIES:
+        raise PlanError(f"unknown token policy {tp.get('name')!r} (choose from {', '.join(TOKEN_POLICIES)})")
+    for key, value in TOKEN_POLICIES[tp["name"]].defaults(list(ks), max(l.top_k for l in layers)).items():
+        tp.setdefault(key, value)
     rows = []
     for i, (layer, k) in enumerate(zip(layers, ks)):
         row = {"k": int(k), "name": layer.name}

@@ -1,114 +1,110 @@
-"""From a profile (or a model) and a budget to a Plan: Alloc-L and the baselines, plus token policies.
+"""Plan-making in one call: a model (or a profile) and a budget in, a validated `Plan` out.
 
-    allocate(profile, 0.5)                         # Alloc-L: exact DP on the profile
-    allocate(profile, 0.5, method="greedy")        # baselines: uniform, random, greedy
-    allocate(model, 0.5, method="uniform")         # uniform / random / lexi need no profile
-    allocate(profile, 0.5, token_policy="global")  # Alloc-L + Alloc-T
-    allocate(profile, 0.5, token_policy="threshold", model=model, windows=w)  # calibrated policies
+    plan = allocmoe.allocate(model, budget=0.5, tokenizer=tok)                      # Alloc-L (profiles first)
+    plan = allocmoe.allocate(model, budget=0.5, token_policy="global", tokenizer=tok, profile="p.json")
+    plan = allocmoe.allocate(model, budget=24, method="uniform")                     # no text needed
+    plan = allocmoe.allocate(profile, 0.5)                                           # profile only (dp/greedy)
+
+What is needed is derived from the registries: a method with `needs_profile` gets `profile` or profiles the
+model on the calibration text; a calibrated token policy is tuned on the same text. Text comes from
+`windows` (token ids [N, seq_len]) or `texts` + `tokenizer` (default texts: the built-in calibration split).
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-from . import allocate as alloc
+from . import __version__, allocators
 from .adapters import find_moe_layers
-from .apply import apply
-from .errors import AllocMoeError
-from .plan import Plan, check_fingerprint, fingerprint, full_plan
-from .profile import Profile
-
-METHODS = ("dp", "uniform", "random", "greedy", "lexi")
-NEEDS_PROFILE = ("dp", "greedy")
+from .errors import SettingsError
+from .methods import AllocationContext, get_method
+from .plan import Plan, check_fingerprint, fingerprint
+from .policies import get_policy
+from .profiling import Profile
 
 
-def lexi_sensitivity(model: nn.Module, k_values: list[int], tokens: int = 512, seed: int = 0) -> list[list[float]]:
-    """Data-free sensitivity (LExI-style): relative change of each MoE block's output on random inputs.
+def calibration_windows(model: nn.Module | None, tokenizer=None, texts: list[str] | None = None,
+                        windows: torch.Tensor | None = None, tokens: int = 16384, seq_len: int = 256,
+                        what: str = "this plan") -> torch.Tensor:
+    """Token windows for profiling/calibration: `windows` as given, else `texts` (default: the built-in
+    calibration split) tokenized into windows of `seq_len`, at most `tokens` tokens."""
+    if windows is not None:
+        return windows
+    from .data import builtin_text, token_windows
 
-    For layer l, x ~ N(0, 1) of the model's hidden size (seeded), S[l][k] = ||y_k - y_K||^2 / ||y_K||^2 where
-    y_k is the block's output when it runs top-k. No text is read.
-    """
-    g = torch.Generator().manual_seed(seed)
-    H = model.config.hidden_size
-    dtype = next(model.parameters()).dtype
-    x = torch.randn(1, tokens, H, generator=g).to(dtype)
-    handle = apply(model, full_plan(model))
-    S = []
-    try:
-        with torch.no_grad():
-            for st in handle.states:
-                def run():
-                    out = st.layer.block(x)
-                    return (out[0] if isinstance(out, tuple) else out).float()
-                ref = run()
-                row = []
-                for k in k_values:
-                    st.k = k
-                    row.append(float(((run() - ref) ** 2).sum() / (ref ** 2).sum().clamp(min=1e-30)))
-                st.k = st.layer.top_k
-                S.append(row)
-    finally:
-        handle.remove()
-    return S
+    if tokenizer is None:
+        raise SettingsError(f"{what} needs calibration text: pass windows=, or tokenizer= (and texts=)",
+                            param="tokenizer")
+    if texts is None:
+        texts = [builtin_text("calibration").read_text(encoding="utf-8")]
+    elif isinstance(texts, str):
+        texts = [texts]
+    return token_windows(tokenizer, list(texts), seq_len, tokens)
 
 
-def allocate(source, budget, method: str = "dp", *, model: nn.Module | None = None,
+def allocate(source, budget=None, method: str = "dp", *, model: nn.Module | None = None,
              token_policy: str | dict = "fixed", renormalize: str = "native", seed: int = 0,
-             windows: torch.Tensor | None = None, k_min: int = 1, progress: bool = True) -> Plan:
-    """A plan meeting `budget` (fraction like 0.5, or integer activations per token) with `method`."""
-    if method not in METHODS:
-        raise AllocMoeError(f"unknown allocation method {method!r}; valid methods: {', '.join(METHODS)}")
-    profile = None
+             tokenizer=None, texts: list[str] | None = None, windows: torch.Tensor | None = None,
+             profile: "Profile | str | os.PathLike | dict | None" = None, calibration_tokens: int = 16384,
+             seq_len: int = 256, k_min: int = 1, progress: bool = True) -> Plan:
+    """A plan meeting `budget` (a fraction like 0.5, or an integer number of activations per token).
+
+    `source` is the model (preferred) or a profile (Profile, dict or path; enough for dp/greedy).
+    """
+    if budget is None:
+        raise SettingsError("pass a budget: a fraction like 0.5 or an integer number of activations per token",
+                            param="budget")
+    meth = get_method(method)
+    pol = get_policy(token_policy if isinstance(token_policy, str) else token_policy.get("name", "?"))
     if isinstance(source, nn.Module):
         model = source
     else:
-        profile = Profile.load(source)
-    if profile is None and method in NEEDS_PROFILE:
-        raise AllocMoeError(f"method {method!r} needs a sensitivity profile (run `allocmoe profile` first)")
-    if profile is not None:
-        fp = profile.model
+        profile = source if profile is None else profile
+    prof = Profile.load(profile) if profile is not None else None
+    needs_text = (meth.needs_profile and prof is None) or pol.calibrated or meth.needs_windows
+    if model is None and (meth.needs_model or needs_text):
+        what = "profiling" if meth.needs_profile else f"method {method!r}" if meth.needs_model or meth.needs_windows \
+            else f"token policy {pol.name!r}"
+        raise SettingsError(f"{what} needs the model: call allocate(model, ...)", param="model")
+    if needs_text:
+        windows = calibration_windows(model, tokenizer, texts, windows, calibration_tokens, seq_len,
+                                      what=f"method {method!r} with token policy {pol.name!r}")
+    if meth.needs_profile and prof is None:
+        from .profiling import profile as run_profile
+
+        prof = run_profile(model, windows, k_min=k_min, renormalize=renormalize, progress=progress)
+
+    if prof is not None:
+        fp = prof.model
         if model is not None:
             check_fingerprint(fp, fingerprint(find_moe_layers(model), model), what="profile")
-        k_values = profile.k_values
+        k_values = prof.k_values
     else:
         layers = find_moe_layers(model)
         fp = fingerprint(layers, model)
         k_values = list(range(k_min, max(l.top_k for l in layers) + 1))
     L = fp["num_moe_layers"]
     K = fp["top_k"] if isinstance(fp["top_k"], int) else max(fp["top_k"])
-    B = alloc.parse_budget(budget, L, K, min(k_values), max(k_values))
-    meta = {"budget_requested": str(budget)}
-    if method == "lexi":
-        if model is None:
-            raise AllocMoeError("method 'lexi' needs the model (pass --model)")
-        S = lexi_sensitivity(model, k_values, seed=seed)
-        ks = alloc.dp_allocate(S, k_values, B)
-        meta["lexi_sensitivity"] = S
-    elif method in ("dp", "greedy"):
-        ks = alloc.allocate_matrix(profile.sensitivity, k_values, B, method)
-        meta.update(profile_metric=profile.metric, profile_data=profile.data.get("fingerprint"),
-                    predicted_cost=sum(profile.sensitivity[l][k_values.index(k)] for l, k in enumerate(ks)))
-    else:
-        ks = alloc.allocate_matrix([[0.0] * len(k_values)] * L, k_values, B, method, seed=seed)
-        if method == "random":
-            meta["seed"] = seed
-    tp = {"name": token_policy} if isinstance(token_policy, str) else dict(token_policy)
-    if tp["name"] != "fixed":
-        tp.setdefault("min_k", 1)
-        tp.setdefault("max_k", max(K, max(ks)))
+    B = allocators.parse_budget(budget, L, K, min(k_values), max(k_values))
+
+    ctx = AllocationContext(budget=B, k_values=k_values, num_layers=L, profile=prof, model=model,
+                            windows=windows, seed=seed, progress=progress,
+                            meta={"budget_requested": str(budget)})
+    ks = meth.allocate(ctx)
+
+    tp = {"name": pol.name} if isinstance(token_policy, str) else dict(token_policy)
+    for key, value in pol.defaults(ks, K).items():
+        tp.setdefault(key, value)
     plan = Plan(layers=[{"k": int(k), "name": n} for k, n in zip(ks, fp.get("moe_layer_names") or [""] * L)],
-                model=fp, token_policy=tp, renormalize=renormalize, method=method, meta=meta)
+                model=fp, token_policy=tp, renormalize=renormalize, method=method, meta=ctx.meta)
     plan.budget = plan.compute_budget()
     plan.validate()
-    if tp["name"] in ("threshold", "top-p", "naee"):
-        if model is None or windows is None:
-            raise AllocMoeError(f"token policy {tp['name']!r} is calibrated on text: pass the model and "
-                                "calibration data")
-        from .calibrate import calibrate
+    if pol.calibrated:
+        from .calibration import calibrate
 
         plan = calibrate(model, plan, windows, progress=progress)
-    from . import __version__
-
     plan.meta["created_with"] = f"allocmoe {__version__}"
     return plan

@@ -1,7 +1,9 @@
 """Token policies: how many of its best-ranked experts each token keeps in one layer.
 
-Every policy here keeps, per token, a *prefix* of that token's experts sorted by routing score; the
-policies differ only in how they choose the per-token count c_t in [min_k, max_k]:
+Every policy keeps, per token, a *prefix* of that token's experts sorted by routing score; policies differ
+only in how they choose the per-token count c_t in [min_k, max_k]. Each policy is one `TokenPolicy`
+subclass registered in `TOKEN_POLICIES`; every list of policy names elsewhere (plan validation, the CLI,
+calibration, the main job) is derived from that table, so adding a policy is one class in this file.
 
 - fixed      c_t = K_l for every token (Alloc-L alone).
 - global     Alloc-T: the T real tokens of the call share K_l*T activations; after each token's first
@@ -16,7 +18,137 @@ Padding tokens (valid == False) get c_t = 0: they take no budget and run no expe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .errors import PlanError
+
+
+@dataclass
+class Candidates:
+    """One layer's routing for T tokens, as the policies see it.
+
+    vals/ids: each token's best max_k experts by rank score, best first ([T, max_k]);
+    weight: [T, E] mixing scores (-inf rank entries zeroed); valid: bool [T] real tokens, or None (all).
+    """
+
+    vals: torch.Tensor
+    ids: torch.Tensor
+    weight: torch.Tensor
+    valid: torch.Tensor | None
+
+
+class TokenPolicy:
+    """How one layer picks per-token expert counts. Subclasses set the class attributes and `counts`."""
+
+    name: str = "?"
+    #: calibrated policies tune one knob on calibration text so the mean count meets the budget
+    calibrated: bool = False
+    #: the knob calibration tunes: its key, and whether it is stored per layer (in the plan's layer rows)
+    param: str | None = None
+    per_layer_param: bool = False
+    #: bounds of the knob for bisection, and whether the mean count grows with it
+    param_range: tuple[float, float] = (0.0, 1.0)
+    param_increases_count: bool = True
+    #: fixed counts: every token runs exactly K_l (no candidate list beyond K_l is needed)
+    exact: bool = False
+    #: per-token counts respect min_k as a hard floor, so a plan's k must be >= min_k
+    k_at_least_min_k: bool = True
+    #: the allocation method this policy is paired with in the main job (None: not run there)
+    run_with: str | None = None
+    label: str = ""  # how reports name it beside a method (default: its name)
+    summary: str = ""
+
+    def __init__(self):
+        self.label = self.label or self.name
+
+    def counts(self, c: Candidates, k: int, params: dict, min_k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def calibration_counts(self, rec: dict, x: float, min_k: int) -> torch.Tensor:
+        """Counts with knob value x on scores recorded by calibration (`rec`: vals, wvals, wsum)."""
+        return self.counts(Candidates(rec["vals"], None, None, None), 0, {self.param: x}, min_k)
+
+    def defaults(self, ks: list[int], original_k: int) -> dict:
+        """Token-policy fields a plan with this policy carries before any calibration."""
+        return {} if self.exact else {"min_k": 1, "max_k": max(original_k, max(ks))}
+
+
+TOKEN_POLICIES: dict[str, TokenPolicy] = {}
+
+
+def register_policy(cls: type[TokenPolicy]) -> type[TokenPolicy]:
+    TOKEN_POLICIES[cls.name] = cls()
+    return cls
+
+
+def get_policy(name: str) -> TokenPolicy:
+    try:
+        return TOKEN_POLICIES[name]
+    except KeyError:
+        raise PlanError(f"unknown token policy {name!r} (choose from {', '.join(TOKEN_POLICIES)})") from None
+
+
+def calibrated_policies() -> list[str]:
+    return [n for n, p in TOKEN_POLICIES.items() if p.calibrated]
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@register_policy
+class Fixed(TokenPolicy):
+    name, exact, summary = "fixed", True, "every token its top-K_l"
+
+    def counts(self, c, k, params, min_k):
+        return torch.full((c.vals.shape[0],), k, dtype=torch.long, device=c.vals.device)
+
+
+@register_policy
+class Global(TokenPolicy):
+    name, run_with, label = "global", "dp", "Alloc-T"
+    summary = "Alloc-T: the tokens of a call share K_l*T activations, each in [min_k, max_k] (not causal)"
+
+    def counts(self, c, k, params, min_k):
+        return global_counts(c.vals, k, min_k, c.valid)
+
+
+@register_policy
+class Threshold(TokenPolicy):
+    name, calibrated, param, per_layer_param, run_with = "threshold", True, "threshold", True, "dp"
+    k_at_least_min_k, param_increases_count = False, False
+    summary = "causal: keep experts scoring >= a per-layer threshold calibrated so the mean is K_l"
+
+    def counts(self, c, k, params, min_k):
+        return threshold_counts(c.vals, float(params["threshold"]), min_k)
+
+
+@register_policy
+class TopP(TokenPolicy):
+    name, calibrated, param, run_with = "top-p", True, "p", "uniform"
+    k_at_least_min_k = False
+    summary = "keep experts until their cumulative score reaches p (arXiv 2403.07652), p calibrated"
+
+    def counts(self, c, k, params, min_k):
+        return top_p_counts(c.weight.gather(1, c.ids), c.weight.sum(dim=-1), float(params["p"]), min_k)
+
+    def calibration_counts(self, rec, x, min_k):
+        return top_p_counts(rec["wvals"], rec["wsum"], x, min_k)
+
+
+@register_policy
+class NAEE(TokenPolicy):
+    name, calibrated, param, run_with = "naee", True, "beta", "uniform"
+    k_at_least_min_k, param_increases_count = False, False
+    summary = "NAEE dynamic skipping: keep experts scoring >= beta x the top score, beta calibrated"
+
+    def counts(self, c, k, params, min_k):
+        return naee_counts(c.vals, float(params["beta"]), min_k)
+
+
+# --------------------------------------------------------------------------------------------------
+# the count functions (pure tensor code, shared by inference and calibration)
 
 
 def sorted_candidates(rank: torch.Tensor, max_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,31 +18,42 @@ from rich.console import Console
 
 from . import __version__
 from .adapters import find_moe_layers
-from .apply import apply
-from .data import builtin_text, read_texts, token_windows
+from .data import read_texts, token_windows
 from .errors import OutputExistsError
-from .evaluate import perplexity, score_task
+from .evaluation import evaluate, load_task, shipped_tasks
 from .io import atomic_write_json
+from .methods import METHODS
 from .models import load_model, local_path
-from .plan import Plan, full_plan
+from .plan import Plan, model_description
 from .planning import allocate
-from .profile import profile as run_profile
+from .policies import TOKEN_POLICIES
+from .profiling import profile as run_profile
 from .report import sensitivity_heatmap, write_report
 
 console = Console(stderr=True)
 
-# (label, allocation method, token policy); "full" is added separately
-METHODS = [
-    ("uniform", "uniform", "fixed"),
-    ("random", "random", "fixed"),
-    ("top-p", "uniform", "top-p"),
-    ("naee", "uniform", "naee"),
-    ("lexi", "lexi", "fixed"),
-    ("greedy", "greedy", "fixed"),
-    ("Alloc-L (dp)", "dp", "fixed"),
-    ("Alloc-L + Alloc-T (dp+global)", "dp", "global"),
-    ("Alloc-L + threshold (dp+threshold)", "dp", "threshold"),
-]
+def run_configs() -> list[tuple[str, str, str]]:
+    """(label, allocation method, token policy) of every configuration the main job compares, derived from
+    the registries: each method with `in_run` under the fixed policy, then each token policy with `run_with`
+    on that method. A policy on a baseline method is named by the policy ("top-p"); on Alloc-L by both
+    ("Alloc-L + Alloc-T (dp+global)")."""
+    configs = [(m.label, name, "fixed") for name, m in METHODS.items() if m.in_run]
+    for pname, pol in TOKEN_POLICIES.items():
+        if pol.run_with is None:
+            continue
+        meth = METHODS[pol.run_with]
+        if meth.needs_profile:
+            configs.append((f"{meth.label.split(' (')[0]} + {pol.label} ({meth.name}+{pname})", meth.name, pname))
+        else:
+            configs.append((pname, meth.name, pname))
+    return configs
+
+
+def plan_file_stem(label: str, budget: float) -> str:
+    return f"{budget}_{label.split(' (')[-1].rstrip(')').replace('+', '_').replace(' ', '_')}"
+
+
+# the configurations whose speed the main job measures
 SPEED_LABELS = ("uniform", "Alloc-L (dp)", "Alloc-L + Alloc-T (dp+global)", "Alloc-L + threshold (dp+threshold)")
 
 
@@ -65,35 +76,18 @@ class RunSettings:
     threads: int | None = None
 
 
-def shipped_tasks() -> list[str]:
-    d = builtin_text("validation").parent.parent / "tasks"
-    return sorted(str(p) for p in d.glob("*.json"))
-
-
 def prepare_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
-        raise OutputExistsError(f"{out} is not empty; pass --force to overwrite its files")
+        raise OutputExistsError(f"{out} is not empty; refusing to overwrite its files", param="force")
     (out / "plans").mkdir(parents=True, exist_ok=True)
 
 
 def evaluate_config(model, tok, plan: Plan | None, texts, tasks: list[dict], s: RunSettings) -> dict:
-    """Perplexity (with measured activations) and task accuracies with `plan` applied (None = full model)."""
-    handle = apply(model, plan or full_plan(model))
-    try:
-        ppl = perplexity(model, tok, texts, seq_len=s.seq_len, batch_size=s.batch_size, max_tokens=s.eval_tokens,
-                         progress=False)
-        counts = handle.counts()["cumulative"]
-        res = {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "bits_per_byte": ppl["bits_per_byte"],
-               "tokens": ppl["tokens"], "activations_per_token": counts["activations_per_token"],
-               "activations_per_token_per_layer": counts["activations_per_token_per_layer"], "tasks": {}}
-        for t in tasks:
-            r = score_task(model, tok, t, batch_size=16, max_examples=s.task_examples, progress=False)
-            res["tasks"][r["name"]] = {k: r[k] for k in ("accuracy", "accuracy_norm", "chance", "n")}
-    finally:
-        handle.remove()
-    return res
+    """`allocmoe.evaluate` with the run's settings."""
+    return evaluate(model, plan, tokenizer=tok, texts=texts, tasks=tasks, seq_len=s.seq_len,
+                    batch_size=s.batch_size, max_tokens=s.eval_tokens, max_examples=s.task_examples)
 
 
 def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, force: bool = False,
@@ -107,8 +101,6 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
     t_start = time.perf_counter()
     model, tok, path = load_model(model_spec, dtype)
     layers = find_moe_layers(model)
-    from .evaluate import load_task
-
     tasks = [load_task(p) for p in (s.tasks if s.tasks is not None else shipped_tasks())]
     val_texts, val_names = read_texts(s.data, "validation")
     cal_texts, cal_names = read_texts(s.calibration_data, "calibration")
@@ -121,16 +113,15 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
                        out=out / "profile.json", data_info={"files": cal_names})
     profile_seconds = time.perf_counter() - t0
 
-    console.print("[bold]2/4 allocating[/bold] " + ", ".join(l for l, _, _ in METHODS)
+    configs_to_run = run_configs()
+    console.print("[bold]2/4 allocating[/bold] " + ", ".join(l for l, _, _ in configs_to_run)
                   + f" at budgets {s.budgets}")
     plans: list[tuple[str, str, float, Plan]] = []
     for b in s.budgets:
-        for label, method, policy in METHODS:
-            plan = allocate(prof if method in ("dp", "greedy") else model, b, method, model=model,
-                            token_policy=policy, renormalize=s.renormalize, seed=s.seed, windows=pol_cal,
-                            progress=False)
-            name = f"{b}_{label.split(' (')[-1].rstrip(')').replace('+', '_').replace(' ', '_')}"
-            plan.save(out / "plans" / f"{name}.json")
+        for label, method, policy in configs_to_run:
+            plan = allocate(model, b, method, profile=prof, token_policy=policy, renormalize=s.renormalize,
+                            seed=s.seed, windows=pol_cal, progress=False)
+            plan.save(out / "plans" / f"{plan_file_stem(label, b)}.json")
             plans.append((label, method, b, plan))
 
     console.print(f"[bold]3/4 evaluating[/bold] {len(plans) + 1} configurations on "
@@ -153,10 +144,7 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
 
     results = {
         "allocmoe_version": __version__,
-        "model": {"path": local_path(model_spec), "architecture": type(model).__name__,
-                  "moe_layers": len(layers), "num_experts": layers[0].num_experts, "top_k": layers[0].top_k,
-                  "shared_experts": layers[0].shared_experts,
-                  "activations_per_token": sum(l.top_k for l in layers)},
+        "model": {"path": local_path(model_spec), **model_description(model, layers)},
         "settings": dict(vars(s), validation_files=val_names, calibration_files=cal_names,
                          profile_seconds=profile_seconds, threads=torch.get_num_threads(),
                          torch=torch.__version__, python=platform.python_version()),
@@ -177,19 +165,45 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
 
 
 def _speed(model, plans, configs, s: RunSettings) -> str:
-    """Prefill/decode speed-ups of the main configurations at the budget nearest 0.5, measured side by side."""
-    from .bench import FULL, run_bench
+    """Prefill/decode speed-ups of the main configurations at the budget nearest 0.5, measured side by side.
+
+    Each config's "speed" gets its ratios, their Amdahl limits, reliability flags (a ratio above its limit,
+    or from widely spread repeats, after one re-measurement) and the threads and load average of the run.
+    """
+    from .bench import FULL, BenchSettings, machine_busy, run_bench
 
     mid = sorted(s.budgets, key=lambda b: abs(b - 0.5))[0]
     chosen = {label: plan for label, m, b, plan in plans if b == mid and label in SPEED_LABELS}
-    res = run_bench(model, {FULL: None, **chosen}, prefill_batch=1, prefill_len=s.seq_len, decode_batches=(1,),
-                    decode_tokens=16, repeats=3, warmup=1, progress=False)
-    pre, dec = res["phases"]["prefill"]["configs"], res["phases"]["decode_b1"]["configs"]
+    settings = BenchSettings(prefill_batch=1, prefill_len=s.seq_len, decode_batches=(1,), decode_tokens=16,
+                             repeats=3, warmup=1, threads=s.threads, progress=False)
+    res = run_bench(model, {FULL: None, **chosen}, settings)
+    env, rel = res["env"], res["reliability"]
+    phases = {"prefill": res["phases"]["prefill"], "decode": res["phases"]["decode_b1"]}
     for c in configs:
         if c["budget"] == mid and c["label"] in chosen:
-            c["speed"] = {"prefill_speedup": pre[c["label"]].get("speedup"),
-                          "decode_speedup": dec[c["label"]].get("speedup")}
+            sp = {}
+            for key, ph in phases.items():
+                d = ph["configs"][c["label"]]
+                sp.update({f"{key}_speedup": d.get("speedup"), f"{key}_limit": d.get("speedup_limit"),
+                           f"{key}_flags": d.get("flags", []), f"{key}_iqr_pct": d.get("iqr_pct")})
+            sp.update(limit_source=phases["prefill"]["configs"][c["label"]].get("limit_source"),
+                      threads=env["threads"], loadavg_start=env.get("loadavg_start"),
+                      loadavg_end=env.get("loadavg_end"), remeasured=list(rel.get("remeasured", [])))
+            c["speed"] = sp
+    am = (res.get("amdahl") or {}).get("phases", {})
+    share = ""
+    if am.get("prefill", {}).get("f") is not None and am.get("decode_b1", {}).get("f") is not None:
+        share = (f" (routed experts are {am['prefill']['f']:.0%} of a prefill step and {am['decode_b1']['f']:.0%} "
+                 "of a decode step here)")
+    load = lambda l: f"{l[0]:.2f}" if l else "?"  # noqa: E731
+    n_flagged = sum(len(v) for v in rel["flagged"].values())
     return (f"Speed-ups at budget {mid} vs the full model, measured side by side in this run with "
-            f"`allocmoe.bench.run_bench` ({torch.get_num_threads()} threads, prefill 1x{s.seq_len}, decode batch 1 "
-            "x 16 tokens, interleaved, medians of 3). A small model on CPU is dominated by non-expert work; "
-            "for a careful benchmark use `allocmoe bench`.")
+            f"`allocmoe.bench.run_bench` ({env['threads']} threads; load average (1 min) {load(env.get('loadavg_start'))}"
+            f" at the start, {load(env.get('loadavg_end'))} at the end, on {env.get('cpu_count')} logical CPUs; "
+            f"prefill 1x{s.seq_len}, decode batch 1 x 16 tokens, interleaved, medians of 3). Each ratio is shown "
+            f"beside its Amdahl limit (≤){share}; ⚠ marks a ratio more than {rel['tolerance']:.0%} above its limit "
+            f"or from repeats spread wider than {rel['max_spread']:.0%} (IQR/median), still so after re-measuring "
+            f"once: do not trust it ({n_flagged} flagged)."
+            + (" The load average shows other processes competing for the CPU during the measurement."
+               if machine_busy(env) else "")
+            + " A small model on CPU is dominated by non-expert work; for a careful benchmark use `allocmoe bench`.")

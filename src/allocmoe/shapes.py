@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .errors import AllocMoeError
+from .errors import SettingsError
 
 # DeepSeek-V2-Lite (deepseek-ai/DeepSeek-V2-Lite config.json), except num_hidden_layers (27 there) and the
 # YaRN rope scaling (irrelevant to speed at these sequence lengths).
@@ -40,21 +40,21 @@ SHAPES = {"deepseek-v2-lite": (DEEPSEEK_V2_LITE, 27, 4)}  # name: (config, real 
 def parse_shape(spec: str) -> tuple[str, int]:
     """'deepseek-v2-lite[:LAYERS]' -> (name, layers)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise AllocMoeError(f"unknown shape {spec!r}; choose from {', '.join(s + '[:LAYERS]' for s in SHAPES)}")
+        raise SettingsError(f"unknown shape {spec!r}; choose from {', '.join(s + '[:LAYERS]' for s in SHAPES)}")
     name, _, layers = spec.strip().partition(":")
     name = name.lower()
     if name not in SHAPES:
-        raise AllocMoeError(f"unknown shape {name!r}; choose from {', '.join(s + '[:LAYERS]' for s in SHAPES)}")
+        raise SettingsError(f"unknown shape {name!r}; choose from {', '.join(s + '[:LAYERS]' for s in SHAPES)}")
     cfg, real, default = SHAPES[name]
     if not layers:
         return name, default
     try:
         n = int(layers)
     except ValueError:
-        raise AllocMoeError(f"shape {spec!r}: LAYERS must be an integer, got {layers!r}") from None
+        raise SettingsError(f"shape {spec!r}: LAYERS must be an integer, got {layers!r}") from None
     lo = cfg.get("first_k_dense_replace", 0) + 1
     if not lo <= n <= real:
-        raise AllocMoeError(f"shape {spec!r}: LAYERS must be between {lo} (at least one MoE layer) and {real}")
+        raise SettingsError(f"shape {spec!r}: LAYERS must be between {lo} (at least one MoE layer) and {real}")
     return name, n
 
 
@@ -83,14 +83,14 @@ def build_shape(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, de
         from .models import DTYPES
 
         if dtype not in DTYPES or dtype == "auto":
-            raise AllocMoeError(f"unknown dtype {dtype!r} (choose float32, bfloat16 or float16)")
+            raise SettingsError(f"unknown dtype {dtype!r} (choose float32, bfloat16 or float16)")
         dtype = DTYPES[dtype]
     try:
         return random_model(config, seed=seed, dtype=dtype, device=device, router_scale=router_scale,
                             init_std=init_std)
     except (RuntimeError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AllocMoeError(f"cannot build shape {spec!r} on {device}: {msg}") from None
+        raise SettingsError(f"cannot build shape {spec!r} on {device}: {msg}") from None
 
 
 def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -127,5 +127,5 @@ def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32, devi
                         setattr(mod, attr, getattr(fresh, attr))
         for name, b in model.named_buffers():
             if b.is_meta:
-                raise RuntimeError(f"buffer {name} was not materialised")
+                raise SettingsError(f"buffer {name} was not materialised")
     return model.eval()

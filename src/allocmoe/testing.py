@@ -90,3 +90,19 @@ def save_tiny(family: str, path, **kw) -> str:
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return str(path)
+
+
+def invoke_cli(*args) -> tuple[int, str, str]:
+    """Run `allocmoe ARGS...` in this process (typer's CliRunner isolation): (exit code, stdout, stderr)."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from .cli import run_cli
+
+    with CliRunner().isolation() as (out, err, _):
+        rc = run_cli([str(a) for a in args])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    return rc, stdout, stderr

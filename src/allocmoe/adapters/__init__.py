@@ -15,7 +15,8 @@ from ..errors import NoMoELayersError, UnsupportedModelError
 from .base import FamilyAdapter, MoELayer, RouterScores
 from .families import ADAPTERS, REFUSED
 
-__all__ = ["find_moe_layers", "FamilyAdapter", "MoELayer", "RouterScores", "ADAPTERS", "model_type"]
+__all__ = ["find_moe_layers", "decoder_layers", "FamilyAdapter", "MoELayer", "RouterScores", "ADAPTERS",
+           "model_type"]
 
 
 def model_type(model: nn.Module) -> str:
@@ -42,12 +43,39 @@ def _shared(block: nn.Module, model: nn.Module) -> tuple[int, int | None]:
     return 0, None
 
 
+def _decoder_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The decoder layer list: the ModuleList that holds the MoE blocks (or model.model.layers)."""
+    base = getattr(model, "model", None)
+    cand = getattr(base, "layers", None) if isinstance(base, nn.Module) else None
+    if isinstance(cand, nn.ModuleList) and len(cand):
+        for name, mod in model.named_modules():
+            if mod is cand:
+                return name, cand
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and n and len(mod) == n:
+            return name, mod
+    return None
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers in order ([] if there is no recognisable decoder stack).
+
+    The one place allocmoe finds them: `find_moe_layers` derives each block's `decoder_index` from it,
+    profiling replays cached decoder outputs with it, the benchmark times the decoder stack with it.
+    """
+    found = _decoder_stack(model)
+    return list(found[1]) if found else []
+
+
 def find_moe_layers(model: nn.Module) -> list[MoELayer]:
     """All routed MoE blocks in module order. Raises NoMoELayersError / UnsupportedModelError."""
     mtype = model_type(model)
     if mtype in REFUSED:
         raise UnsupportedModelError(f"{mtype} is not supported: {REFUSED[mtype]}")
     layers: list[MoELayer] = []
+    stack = _decoder_stack(model)
+    prefix = (stack[0] + ".") if stack else None
     for name, mod in model.named_modules():
         experts = getattr(mod, "experts", None)
         router = _router_of(mod)
@@ -61,7 +89,7 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
                 f"(supported families: {supported})"
             )
         num_experts = int(getattr(experts, "num_experts", getattr(router, "num_experts", 0)))
-        m = re.search(r"layers\.(\d+)\.", name + ".")
+        m = re.match(rf"{re.escape(prefix)}(\d+)\.", name + ".") if prefix else None
         n_shared, shared_inter = _shared(mod, model)
         layers.append(
             MoELayer(

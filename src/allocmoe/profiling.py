@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 import types
 from dataclasses import dataclass, field
@@ -33,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import find_moe_layers
-from .apply import apply
+from .adapters import decoder_layers, find_moe_layers
+from .patching import apply
 from .data import fingerprint_tokens
 from .errors import FileFormatError, ProfileError
 from .io import atomic_write_json, load_json
@@ -116,18 +115,11 @@ class Profile:
 
 
 def _decoder_layers(model: nn.Module, layers) -> tuple[list[nn.Module], list[int]]:
-    """The decoder ModuleList (found from the MoE block paths) and each MoE layer's decoder index."""
-    m = re.match(r"^(.*)\.(\d+)\.[^.]+$", layers[0].name)
-    if not m:
-        raise ProfileError(f"cannot locate the decoder layer list from MoE block path {layers[0].name}")
-    stack = model.get_submodule(m.group(1))
-    idx = []
-    for l in layers:
-        mm = re.match(rf"^{re.escape(m.group(1))}\.(\d+)\.", l.name)
-        if not mm:
-            raise ProfileError(f"MoE block {l.name} is not inside {m.group(1)}")
-        idx.append(int(mm.group(1)))
-    return list(stack), idx
+    """The decoder layers and the index of the decoder layer holding each MoE block."""
+    decoder = decoder_layers(model)
+    if not decoder or any(l.decoder_index is None for l in layers):
+        raise ProfileError(f"cannot locate the decoder layer list that holds MoE block {layers[0].name}")
+    return decoder, [l.decoder_index for l in layers]
 
 
 class _Cache:
@@ -200,7 +192,7 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
         st = load_json(partial, "partial profile")
         if st.get("run") != run_key:
             raise ProfileError(f"{partial} belongs to a different profiling run (other model, data or "
-                               "settings); delete it or run without --resume")
+                               "settings); delete it or run without resume", param="resume")
         acc, tokens, start = st["acc"], st["tokens"], st["batches_done"]
 
     n_batches = math.ceil(windows.shape[0] / batch_size)
@@ -229,15 +221,13 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
                 ref_plogp = (ref_p * ref_logp).sum(-1)
                 del ref, ref_logp
                 for l, j in todo:
-                    st = handle.states[l]
-                    st.k, st.renorm = k_values[j], renormalize
                     d = dec_idx[l] if cached else 0
                     cache.replay_before(d)
                     try:
-                        logits = model(x, use_cache=False).logits
+                        with handle.override_layer(l, k=k_values[j], renormalize=renormalize):
+                            logits = model(x, use_cache=False).logits
                     finally:
                         cache.restore(d)
-                        st.k, st.renorm = layers[l].top_k, "native"
                     dl, dk = _batch_metrics(logits, ref_p, ref_plogp, ref_nll, targets)
                     acc["loss"][l][j] += dl
                     acc["kl"][l][j] += dk

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import os
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .adapters import MoELayer, find_moe_layers
-from .errors import AllocMoeError
+from . import experts_fast, policies
+from .errors import PlanError, SettingsError
 from .plan import Plan
-from . import policies
 
 _HANDLE_ATTR = "_allocmoe_handle"
 
@@ -56,16 +57,27 @@ class _LayerState:
 
 
 class AppliedPlan:
-    """Handle returned by `apply`: counts, and `remove()` / context manager to undo the patch."""
+    """Handle returned by `apply`: counts, and `remove()` / context manager to undo the patch.
 
-    def __init__(self, model: nn.Module, plan: Plan, layers: list[MoELayer], record: bool = False):
+    The handle owns the patched state. Tools that probe one layer at a time (profiling, lexi) use
+    `override_layer`; counting and the kernel for sparse calls are the handle's settings
+    (`count_experts`, `sparse_path`), read on every call.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, layers: list[MoELayer], record: bool = False,
+                 count_experts: bool = True, sparse_path: str | None = None):
         self.model, self.plan, self.layers = model, plan, layers
         self.record = record  # keep each layer's last selected index [T, M] (tests, analysis)
+        self.count_experts = count_experts  # per-expert load (cheap, but off for benchmarks)
+        self.sparse_path = sparse_path or os.environ.get("ALLOCMOE_SPARSE_EXPERTS", "follow")
+        if self.sparse_path not in experts_fast.SPARSE_PATHS:
+            raise SettingsError(f"unknown sparse experts path {self.sparse_path!r} "
+                                f"(choose from {', '.join(experts_fast.SPARSE_PATHS)})", param="sparse_path")
         self.ctx = _BatchContext()
         tp = plan.token_policy
-        self.policy = tp["name"]
+        self.policy = policies.get_policy(tp["name"])
         self.min_k = int(tp.get("min_k", 1))
-        self.states = [
+        self._states = [
             _LayerState(layer=l, k=k, params={**tp, **row}, renorm=plan.renormalize)
             for l, k, row in zip(layers, plan.ks, plan.layers)
         ]
@@ -80,7 +92,7 @@ class AppliedPlan:
         module.forward = types.MethodType(fn, module)
 
     def install(self) -> "AppliedPlan":
-        for st in self.states:
+        for st in self._states:
             self._override(st.layer.router, _make_router_forward(self, st))
             self._override(st.layer.experts, _make_experts_forward(self, st, st.layer.experts.forward))
         entry_points = {id(self.model): self.model}
@@ -119,7 +131,7 @@ class AppliedPlan:
     # --- forward hooks: padding mask and per-call counters ----------------------------------------
     def _pre_hook(self, module, args, kwargs):
         if self.ctx.depth == 0:
-            for st in self.states:
+            for st in self._states:
                 st.pairs_last = st.tokens_last = 0
             self.ctx.valid = _real_token_mask(args, kwargs)
         self.ctx.depth += 1
@@ -129,9 +141,35 @@ class AppliedPlan:
         if self.ctx.depth == 0:
             self.ctx.valid = None
 
+    # --- per-layer access (profiling, lexi, calibration, tests) ---------------------------------
+    @contextmanager
+    def override_layer(self, index: int, k: int | None = None, renormalize: str | None = None):
+        """Temporarily run MoE layer `index` at `k` experts (fixed policy) and/or another weighting."""
+        st = self._states[index]
+        saved = st.k, st.renorm
+        if k is not None:
+            if not 1 <= k <= st.layer.num_experts:
+                raise PlanError(f"layer {index}: k={k} is out of range [1, {st.layer.num_experts}]")
+            st.k = int(k)
+        if renormalize is not None:
+            st.renorm = renormalize
+        try:
+            yield self
+        finally:
+            st.k, st.renorm = saved
+
+    def layer_k(self, index: int) -> int:
+        return self._states[index].k
+
+    def last_selection(self, index: int) -> torch.Tensor | None:
+        """Expert index [T, M] chosen in layer `index` by the last call (-1 = dropped); needs record=True."""
+        if not self.record:
+            raise SettingsError("last_selection needs the plan applied with record=True", param="record")
+        return self._states[index].last_index
+
     # --- counts -------------------------------------------------------------------------------
     def reset_counts(self) -> None:
-        for st in self.states:
+        for st in self._states:
             st.pairs_last = st.tokens_last = st.pairs_total = st.tokens_total = 0
             st.expert_counts = None
 
@@ -147,8 +185,8 @@ class AppliedPlan:
             }
 
         return {
-            "last": summary([s.pairs_last for s in self.states], [s.tokens_last for s in self.states]),
-            "cumulative": summary([s.pairs_total for s in self.states], [s.tokens_total for s in self.states]),
+            "last": summary([s.pairs_last for s in self._states], [s.tokens_last for s in self._states]),
+            "cumulative": summary([s.pairs_total for s in self._states], [s.tokens_total for s in self._states]),
             "original_activations_per_token": sum(l.top_k for l in self.layers),
         }
 
@@ -156,7 +194,7 @@ class AppliedPlan:
         """Cumulative pairs per (layer, expert)."""
         return [
             (st.expert_counts.tolist() if st.expert_counts is not None else [0] * st.layer.num_experts)
-            for st in self.states
+            for st in self._states
         ]
 
 
@@ -183,6 +221,7 @@ def _make_router_forward(handle: AppliedPlan, st: _LayerState):
     cls_forward = type(router).forward
     policy, min_k = handle.policy, handle.min_k
     max_k = int(handle.plan.token_policy.get("max_k") or max(layer.top_k, st.k))
+    stock_path = policy.exact  # fixed counts + native weights: the stock router with top_k = K_l
 
     def forward(self, hidden_states, *args, **kwargs):
         T = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
@@ -190,7 +229,7 @@ def _make_router_forward(handle: AppliedPlan, st: _LayerState):
         if valid is not None and valid.numel() != T:
             valid = None  # called outside the model forward we hooked (e.g. a sub-module); all real
         renorm = st.renorm  # read per call: profiling changes k and renorm of one layer at a time
-        if policy == "fixed" and renorm == "native":
+        if stock_path and renorm == "native":
             # exact stock behaviour (selection order, weights, dtypes) with top_k = K_l
             saved = self.top_k
             self.top_k = st.k
@@ -204,9 +243,10 @@ def _make_router_forward(handle: AppliedPlan, st: _LayerState):
         else:
             scores = adapter.scores(self, hidden_states)
             logits = scores.logits
-            kk = st.k if policy == "fixed" else max_k
+            kk = st.k if policy.exact else max(max_k, st.k)
             vals, ids = policies.sorted_candidates(scores.rank, kk)
-            counts = _policy_counts(policy, vals, ids, scores, st, min_k, valid)
+            weight = scores.weight.masked_fill(~torch.isfinite(scores.rank), 0.0)
+            counts = policy.counts(policies.Candidates(vals, ids, weight, valid), st.k, st.params, min_k)
             if valid is not None:
                 counts = counts.masked_fill(~valid, 0)
             index = policies.prefix_index(ids, counts)
@@ -214,30 +254,13 @@ def _make_router_forward(handle: AppliedPlan, st: _LayerState):
             weights = weights.to(adapter.weight_dtype(self, hidden_states, logits))
         if handle.record:
             st.last_index = index
-        st.dense = valid is None and (policy == "fixed")
+        st.dense = valid is None and policy.exact
         st.valid = valid
         st.tokens_last += T if valid is None else int(valid.sum())
         st.tokens_total += T if valid is None else int(valid.sum())
         return logits, weights, index
 
     return forward
-
-
-def _policy_counts(policy, vals, ids, scores, st: _LayerState, min_k, valid) -> torch.Tensor:
-    T = vals.shape[0]
-    if policy == "fixed":
-        return torch.full((T,), st.k, dtype=torch.long, device=vals.device)
-    if policy == "global":
-        return policies.global_counts(vals, st.k, min_k, valid)
-    if policy == "threshold":
-        return policies.threshold_counts(vals, float(st.params["threshold"]), min_k)
-    if policy == "top-p":
-        w = scores.weight.masked_fill(~torch.isfinite(scores.rank), 0.0)
-        p = float(st.params["p"])
-        return policies.top_p_counts(w.gather(1, ids), w.sum(dim=-1), p, min_k)
-    if policy == "naee":
-        return policies.naee_counts(vals, float(st.params["beta"]), min_k)
-    raise AllocMoeError(f"unknown token policy {policy!r}")
 
 
 def _mix_weights(adapter, router, scores, index, renorm: str, original_k: int) -> torch.Tensor:
@@ -258,7 +281,6 @@ def _mix_weights(adapter, router, scores, index, renorm: str, original_k: int) -
 
 def _make_experts_forward(handle: AppliedPlan, st: _LayerState, stock_forward):
     E = st.layer.num_experts
-    from .experts_fast import sparse_experts_forward
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         if st.dense:
@@ -269,13 +291,14 @@ def _make_experts_forward(handle: AppliedPlan, st: _LayerState, stock_forward):
             # only the real (token, expert) pairs are computed: one sort by expert, one gather, the
             # configured kernel family (grouped / per-expert loop / batched) once, one index_add_ back
             # (see experts_fast; the `reference` path there is the former compact-then-stock path)
-            out, n_pairs, per_expert = sparse_experts_forward(
+            out, n_pairs, per_expert = experts_fast.sparse_experts_forward(
                 self, hidden_states, top_k_index, top_k_weights,
-                stock_forward=(lambda h, i, w: stock_forward(h, i, w, *args, **kwargs)))
+                stock_forward=(lambda h, i, w: stock_forward(h, i, w, *args, **kwargs)),
+                path=experts_fast.resolve_path(self, handle.sparse_path, top_k_index.numel()))
             n_pairs = int(n_pairs)  # the one host read of the call (counting needs it), after the kernels
         st.pairs_last += n_pairs
         st.pairs_total += n_pairs
-        if COUNT_EXPERTS:
+        if handle.count_experts:
             c = torch.bincount(top_k_index.reshape(-1), minlength=E) if per_expert is None else per_expert
             st.expert_counts = c if st.expert_counts is None else st.expert_counts + c
         return out
@@ -283,21 +306,22 @@ def _make_experts_forward(handle: AppliedPlan, st: _LayerState, stock_forward):
     return forward
 
 
-# Per-expert load is cheap relative to an expert matmul, but can be turned off for benchmarks.
-COUNT_EXPERTS = os.environ.get("ALLOCMOE_COUNT_EXPERTS", "1") != "0"
-
-
-def apply(model: nn.Module, plan, *, record: bool = False) -> AppliedPlan:
+def apply(model: nn.Module, plan, *, record: bool = False, count_experts: bool = True,
+          sparse_path: str | None = None) -> AppliedPlan:
     """Patch `model`'s routing in place according to `plan` (a Plan, dict or path to plan JSON).
 
     Returns a handle; use it as a context manager or call `.remove()` to restore the original model.
+    `record` keeps each layer's last selection (`handle.last_selection(l)`); `count_experts` keeps the
+    per-expert load (`handle.expert_load()`); `sparse_path` picks the kernel for calls with dropped
+    slots (see experts_fast; default: $ALLOCMOE_SPARSE_EXPERTS or "follow").
     """
     plan = Plan.load(plan)
     if getattr(model, _HANDLE_ATTR, None) is not None:
-        raise AllocMoeError("a plan is already applied to this model; remove it first (handle.remove())")
+        raise PlanError("a plan is already applied to this model; remove it first (handle.remove())")
     layers = find_moe_layers(model)
     plan.check_model(layers, model)
-    return AppliedPlan(model, plan, layers, record=record).install()
+    return AppliedPlan(model, plan, layers, record=record, count_experts=count_experts,
+                       sparse_path=sparse_path).install()
 
 
 def applied_plan(model: nn.Module) -> AppliedPlan | None:

@@ -22,9 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import AllocMoeError, BudgetError, ProfileError
-
-METHODS = ("dp", "uniform", "random", "greedy")
+from .errors import BudgetError, ProfileError
 
 # -----------------------------------------------------------------------------
 # budgets
@@ -59,7 +57,7 @@ def parse_budget(budget: str | float | int, num_layers: int, original_k: int, k_
     outside num_layers*k_min .. num_layers*k_max.
     """
     if num_layers < 1 or original_k < 1 or k_min < 1 or k_max < k_min:
-        raise ValueError(f"bad shape for a budget: num_layers={num_layers} original_k={original_k} "
+        raise BudgetError(f"bad shape for a budget: num_layers={num_layers} original_k={original_k} "
                          f"k_min={k_min} k_max={k_max}")
     # classify into (raw text for messages, absolute int | fraction Decimal)
     if isinstance(budget, (bool, np.bool_)):
@@ -308,17 +306,3 @@ def greedy_allocate(S, k_values: Sequence[int], budget: int) -> list[int]:
         total -= ks[j[l]] - ks[j[l] - 1]
         j[l] -= 1
     return [ks[i] for i in j]
-
-
-def allocate_matrix(S, k_values: Sequence[int], budget: int, method: str, seed: int = 0) -> list[int]:
-    """Dispatch to one allocation method: dp, uniform, random (seeded) or greedy."""
-    if method == "dp":
-        return dp_allocate(S, k_values, budget)
-    if method == "greedy":
-        return greedy_allocate(S, k_values, budget)
-    if method in ("uniform", "random"):
-        M, ks = _check_matrix(S, k_values)  # the matrix only fixes the layer count here
-        if method == "uniform":
-            return uniform_allocate(M.shape[0], ks, budget)
-        return random_allocate(M.shape[0], ks, budget, seed=seed)
-    raise AllocMoeError(f"unknown allocation method {method!r}; valid methods: {', '.join(METHODS)}")

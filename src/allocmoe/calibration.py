@@ -1,7 +1,8 @@
-"""Calibrating the token policies whose per-token expert count varies (threshold, top-p, naee).
+"""Calibrating the token policies whose per-token expert count varies (those with `calibrated = True`
+in the policy registry: threshold, top-p, naee).
 
-Each policy has a knob (tau_l per layer, one p, one beta) that sets the *average* number of experts
-per token. We record the routers' sorted scores on calibration text, solve for the knob on the
+Each such policy has one knob (`TokenPolicy.param`: tau_l per layer, one p, one beta) that sets the
+*average* number of experts per token. We record the routers' sorted scores on calibration text, solve for the knob on the
 recorded scores, then re-record with the calibrated plan applied (later layers see the changed hidden
 states) and repeat until the measured activations per token are within `tol` of the target.
 """
@@ -13,18 +14,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import policies
-from .apply import apply
-from .errors import AllocMoeError
+from .errors import CalibrationError
+from .patching import apply
 from .plan import Plan
 
 
 def _record(model: nn.Module, plan: Plan, windows: torch.Tensor, batch_size: int, max_k: int, progress: bool):
     """Run `plan` over the windows; return per-layer sorted top-max_k rank scores, top-p inputs, and counts."""
     handle = apply(model, plan)
-    recs = [{"vals": [], "wvals": [], "wsum": []} for _ in handle.states]
+    recs = [{"vals": [], "wvals": [], "wsum": []} for _ in handle.layers]
     hooks = []
-    for st, rec in zip(handle.states, recs):
-        layer = st.layer
+    for layer, rec in zip(handle.layers, recs):
 
         def hook(mod, args, out, layer=layer, rec=rec):
             s = layer.adapter.scores(mod, args[0])
@@ -59,11 +59,13 @@ def _solve_monotone(f, lo: float, hi: float, target: float, increasing: bool, it
     return (lo + hi) / 2
 
 
-def _tau_for(vals: torch.Tensor, k: float, min_k: int) -> float:
-    """Threshold whose mean clamped count is closest to k (mean count is non-increasing in tau)."""
+def _per_layer_knob(pol: policies.TokenPolicy, rec: dict, k: float, min_k: int) -> float:
+    """A per-layer knob in score units (e.g. tau_l): among the recorded scores, the value whose mean count
+    is closest to k (the mean count is non-increasing in the knob)."""
+    vals = rec["vals"]
     cand = torch.unique(vals[torch.isfinite(vals)])
     lo, hi = 0, len(cand) - 1
-    f = lambda i: float(policies.threshold_counts(vals, float(cand[i]), min_k).float().mean())  # noqa: E731
+    f = lambda i: float(pol.calibration_counts(rec, float(cand[i]), min_k).float().mean())  # noqa: E731
     while lo < hi:  # smallest index i with f(i) <= k
         mid = (lo + hi) // 2
         if f(mid) <= k:
@@ -76,9 +78,10 @@ def _tau_for(vals: torch.Tensor, k: float, min_k: int) -> float:
 
 def calibrate(model: nn.Module, plan: Plan, windows: torch.Tensor, *, batch_size: int = 8, tol: float = 0.005,
               max_rounds: int = 5, progress: bool = True) -> Plan:
-    """Fill in the policy parameters of `plan` (threshold / top-p / naee) so it meets its budget on average."""
+    """Fill in the knob of `plan`'s calibrated token policy so the plan meets its budget on average."""
     name = plan.policy
-    if name not in ("threshold", "top-p", "naee"):
+    pol = policies.get_policy(name)
+    if not pol.calibrated:
         return plan
     max_k = int(plan.token_policy.get("max_k") or max(plan.original_ks))
     min_k = int(plan.token_policy.get("min_k", 1))
@@ -86,7 +89,7 @@ def calibrate(model: nn.Module, plan: Plan, windows: torch.Tensor, *, batch_size
     d = plan.to_dict()
     # start from a neutral guess so the first recording is the plan-free model
     for row in d["layers"]:
-        row.pop("threshold", None)
+        row.pop(pol.param, None)
     cur = Plan.from_dict({**d, "token_policy": {"name": "fixed"}, "layers": [
         {**r, "k": orig} for r, orig in zip(d["layers"], plan.original_ks)]})
     measured = None
@@ -96,27 +99,20 @@ def calibrate(model: nn.Module, plan: Plan, windows: torch.Tensor, *, batch_size
             measured = counts["activations_per_token"]
             if abs(measured - target) <= tol * target:
                 break
-        if name == "threshold":
+        if pol.per_layer_param:
             for row, rec, k in zip(d["layers"], recs, plan.ks):
-                row["threshold"] = _tau_for(rec["vals"], k, min_k)
+                row[pol.param] = _per_layer_knob(pol, rec, k, min_k)
         else:
             def mean_total(x):
-                tot = 0.0
-                for rec in recs:
-                    if name == "top-p":
-                        c = policies.top_p_counts(rec["wvals"], rec["wsum"], x, min_k)
-                    else:
-                        c = policies.naee_counts(rec["vals"], x, min_k)
-                    tot += float(c.float().mean())
-                return tot
-            key = "p" if name == "top-p" else "beta"
-            d["token_policy"][key] = _solve_monotone(mean_total, 0.0, 1.0, target, increasing=(name == "top-p"))
+                return sum(float(pol.calibration_counts(rec, x, min_k).float().mean()) for rec in recs)
+            d["token_policy"][pol.param] = _solve_monotone(mean_total, *pol.param_range, target,
+                                                           increasing=pol.param_increases_count)
         cur = Plan.from_dict(d)
     if measured is None or abs(measured - target) > tol * target:
         _, counts = _record(model, cur, windows, batch_size, max_k, progress)
         measured = counts["activations_per_token"]
     if abs(measured - target) > 0.01 * target:
-        raise AllocMoeError(f"could not calibrate the {name} policy to {target} activations/token "
+        raise CalibrationError(f"could not calibrate the {name} policy to {target} activations/token "
                             f"(got {measured:.3f} after {max_rounds} rounds); try more calibration text")
     cur.meta["calibration"] = {"target_activations_per_token": target, "measured_activations_per_token": measured,
                                "tokens": int(windows.numel())}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import AllocMoeError, DataError, FileFormatError
+from .errors import DataError, FileFormatError, SettingsError
 from .io import load_json
 
 # -----------------------------------------------------------------------------
@@ -121,9 +121,10 @@ def perplexity(model, tokenizer, texts: list[str] | str, seq_len: int = 256, str
         texts = [texts]
     stride = seq_len if stride is None else stride
     if seq_len < 1 or not 1 <= stride <= seq_len:
-        raise AllocMoeError(f"need seq_len >= 1 and 1 <= stride <= seq_len, got seq_len={seq_len}, stride={stride}")
+        raise SettingsError(f"need seq_len >= 1 and 1 <= stride <= seq_len, got seq_len={seq_len}, stride={stride}",
+                            param="seq_len")
     if max_tokens is not None and max_tokens < 1:
-        raise AllocMoeError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise SettingsError(f"max_tokens must be >= 1, got {max_tokens}", param="max_tokens")
     if not any(texts):
         raise DataError("evaluation text is empty")
 
@@ -278,3 +279,41 @@ def score_task(model, tokenizer, task: dict[str, Any] | str | os.PathLike, batch
                       / len(ex["target_scores"]) for ex in examples) / n,
         "details": details,
     }
+
+
+# -----------------------------------------------------------------------------
+# one configuration: a plan applied, perplexity with measured activations, task accuracies
+
+
+def shipped_tasks() -> list[str]:
+    """Paths of the BIG-bench task extracts that ship with allocmoe."""
+    from .data import builtin_text
+
+    d = builtin_text("validation").parent.parent / "tasks"
+    return sorted(str(p) for p in d.glob("*.json"))
+
+
+def evaluate(model, plan=None, *, tokenizer, texts: list[str] | str | None = None, tasks=(), seq_len: int = 256,
+             batch_size: int = 8, max_tokens: int | None = None, max_examples: int | None = None,
+             task_batch_size: int = 16, progress: bool = False) -> dict[str, Any]:
+    """Perplexity (with the activations per token the patched model really executed) and task accuracies,
+    with `plan` applied (None = the full model). `texts` default to the built-in validation split; `tasks`
+    are task dicts or paths (`shipped_tasks()` for the shipped ones)."""
+    from .data import read_texts
+    from .patching import apply
+    from .plan import full_plan
+
+    if texts is None:
+        texts, _ = read_texts(None, "validation")
+    with apply(model, plan if plan is not None else full_plan(model)) as handle:
+        ppl = perplexity(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
+                         progress=progress)
+        counts = handle.counts()["cumulative"]
+        res = {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "bits_per_byte": ppl["bits_per_byte"],
+               "tokens": ppl["tokens"], "activations_per_token": counts["activations_per_token"],
+               "activations_per_token_per_layer": counts["activations_per_token_per_layer"], "tasks": {}}
+        for t in tasks:
+            r = score_task(model, tokenizer, t, batch_size=task_batch_size, max_examples=max_examples,
+                           progress=progress)
+            res["tasks"][r["name"]] = {k: r[k] for k in ("accuracy", "accuracy_norm", "chance", "n")}
+    return res
