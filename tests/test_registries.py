@@ -1,0 +1,88 @@
+"""The extension points: token-policy and method registries drive the CLI, validation and the main job;
+plan-making in one call profiles only when the method needs it."""
+
+import pytest
+import torch
+
+import allocmoe
+from allocmoe import methods, policies
+from allocmoe.run import run_configs
+from allocmoe.testing import invoke_cli, tiny_model, tiny_tokenizer
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. ") * 30
+
+
+@pytest.fixture
+def top1plus():
+    """The README's example policy, registered for one test and removed afterwards."""
+
+    @policies.register_policy
+    class Top1Plus(policies.TokenPolicy):
+        name, summary = "top1plus", "one expert, two when the top score is below 0.5"
+
+        def counts(self, c, k, params, min_k):
+            return 1 + (c.vals[:, 0] < 0.5).long()
+
+    yield Top1Plus
+    del policies.TOKEN_POLICIES["top1plus"]
+
+
+def test_a_registered_policy_is_usable_everywhere(top1plus):
+    m = tiny_model("qwen3_moe")
+    L = len(allocmoe.find_moe_layers(m))
+    plan = allocmoe.make_plan(m, [2] * L, token_policy="top1plus")  # validation knows it
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    with allocmoe.apply(m, plan, record=True) as h, torch.no_grad():
+        m(ids)
+        sel = [h.last_selection(l) for l in range(L)]
+        pairs = h.counts()["last"]["pairs_per_layer"]
+    for s, p in zip(sel, pairs):
+        n = (s >= 0).sum(-1)
+        assert set(n.tolist()) <= {1, 2} and int(n.sum()) == p
+    # the CLI's help is derived from the registry
+    rc, out, _ = invoke_cli("allocate", "--help")
+    assert rc == 0 and "top1plus" in out
+
+
+def test_main_job_configs_follow_the_registries(monkeypatch):
+    labels = [label for label, _, _ in run_configs()]
+    assert labels == ["uniform", "random", "greedy", "lexi", "Alloc-L (dp)", "Alloc-L + Alloc-T (dp+global)",
+                      "Alloc-L + threshold (dp+threshold)", "top-p", "naee"]
+    monkeypatch.setattr(policies.TOKEN_POLICIES["naee"], "run_with", None)
+    assert "naee" not in [label for label, _, _ in run_configs()]
+
+
+def test_one_call_allocate_profiles_only_when_needed(monkeypatch):
+    m, tok = tiny_model("deepseek_v2"), tiny_tokenizer()
+    calls = []
+    real = allocmoe.profiling.profile
+
+    def counting_profile(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(allocmoe.profiling, "profile", counting_profile)
+    plan = allocmoe.allocate(m, budget=0.5, token_policy="global", tokenizer=tok, texts=[TEXT], seq_len=32,
+                             calibration_tokens=256, progress=False)
+    assert calls == [1] and plan.method == "dp" and sum(plan.ks) == sum(plan.original_ks) // 2
+    assert plan.token_policy["name"] == "global" and plan.meta["profile_metric"] == "kl"
+    # the same profile passed in: no profiling, same plan
+    prof = real(m, allocmoe.planning.calibration_windows(m, tok, [TEXT], None, 256, 32), progress=False)
+    again = allocmoe.allocate(m, budget=0.5, token_policy="global", profile=prof)
+    assert len(calls) == 1 and again.ks == plan.ks
+    # a method that needs no profile never profiles, and needs no text
+    allocmoe.allocate(m, budget=0.5, method="uniform")
+    assert len(calls) == 1
+
+
+def test_one_call_allocate_errors_name_the_missing_piece():
+    m = tiny_model("deepseek_v2")
+    with pytest.raises(allocmoe.SettingsError, match="needs calibration text") as e:
+        allocmoe.allocate(m, budget=0.5)  # dp without a profile, tokenizer or windows
+    assert e.value.param == "tokenizer"
+    with pytest.raises(allocmoe.SettingsError, match="pass a budget"):
+        allocmoe.allocate(m)
+    with pytest.raises(allocmoe.SettingsError, match="unknown allocation method 'best'"):
+        allocmoe.allocate(m, budget=0.5, method="best")
+    assert set(methods.METHODS) >= {"dp", "greedy", "uniform", "random", "lexi"}
