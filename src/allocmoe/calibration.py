@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import policies
 from .errors import CalibrationError
 from .patching import apply
+from .adapters import find_moe_layers
 from .plan import Plan
 
 
@@ -118,3 +119,28 @@ def calibrate(model: nn.Module, plan: Plan, windows: torch.Tensor, *, batch_size
                                "tokens": int(windows.numel())}
     cur.budget = dict(cur.compute_budget(), measured_on_calibration=round(measured, 4))
     return cur
+
+
+def layer_knobs(model: nn.Module, windows: torch.Tensor, k_values: list[int], policy: str, *, min_k: int = 1,
+                batch_size: int = 8, progress: bool = True) -> list[list[float | None]]:
+    """For policy-aware profiling: the knob that makes MoE layer l alone average k experts per token, for
+    every layer and k in k_values, on the full model's router scores (every other layer is at full K while
+    one layer is profiled, so the scores layer l sees are the full model's). None for uncalibrated policies."""
+    from .plan import full_plan
+
+    pol = policies.get_policy(policy)
+    if not pol.calibrated:
+        return [[None] * len(k_values) for _ in find_moe_layers(model)]
+    max_k = max(max(k_values), max(l.top_k for l in find_moe_layers(model)))
+    recs, _ = _record(model, full_plan(model), windows, batch_size, max_k, progress)
+    out = []
+    for rec in recs:
+        row = []
+        for k in k_values:
+            if pol.per_layer_param:
+                row.append(_per_layer_knob(pol, rec, k, min_k))
+            else:
+                f = lambda x, rec=rec: float(pol.calibration_counts(rec, x, min_k).float().mean())  # noqa: E731
+                row.append(_solve_monotone(f, *pol.param_range, k, increasing=pol.param_increases_count))
+        out.append(row)
+    return out

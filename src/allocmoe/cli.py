@@ -82,6 +82,8 @@ def profile(
     k_min: int = typer.Option(1, help="Smallest candidate k."),
     k_max: Optional[int] = typer.Option(None, help="Largest candidate k (default: the model's top-k)."),
     renormalize: str = typer.Option("native", help="Weights of the kept experts: native, renorm or keep-mass."),
+    token_policy: str = typer.Option("fixed", help="Profile each layer under this token policy (the one you will "
+                                                   "deploy): " + ", ".join(TOKEN_POLICIES) + "."),
     naive: bool = typer.Option(False, "--naive", help="Run full forwards per candidate (slow; for comparison)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from <out>.partial.json."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
@@ -98,7 +100,8 @@ def profile(
     err.print(f"profiling {path} on {w.numel():,} tokens ({w.shape[0]} windows of {seq_len})")
     t0 = time.perf_counter()
     p = run_profile(m, w, metric=metric, k_min=k_min, k_max=k_max, batch_size=batch_size, renormalize=renormalize,
-                    cached=not naive, out=out_path, resume=resume, data_info={"files": names})
+                    cached=not naive, out=out_path, resume=resume, data_info={"files": names},
+                    token_policy=token_policy)
     err.print(f"wrote {out_path} ({time.perf_counter() - t0:.1f} s, metric={p.metric})")
 
 

@@ -30,7 +30,8 @@ class AllocationContext:
     windows: torch.Tensor | None = None  # calibration windows (methods that score plans on text)
     seed: int = 0
     progress: bool = True
-    start: list[int] | None = None  # a starting allocation (search)
+    token_policy: dict | None = None  # the plan's token policy (methods that score whole plans use it)
+    compensation_fn: object | None = None  # ks -> compensation to score plans with (search), or None
     meta: dict = field(default_factory=dict)
 
 
@@ -145,3 +146,7 @@ def lexi_sensitivity(model: nn.Module, k_values: list[int], tokens: int = 512, s
                     row.append(float(((run() - ref) ** 2).sum() / (ref ** 2).sum().clamp(min=1e-30)))
             S.append(row)
     return S
+
+
+# methods that live in their own modules register themselves on import
+from . import search  # noqa: E402,F401

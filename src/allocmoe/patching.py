@@ -45,6 +45,7 @@ class _LayerState:
     layer: MoELayer
     k: int
     params: dict
+    policy: policies.TokenPolicy
     renorm: str = "native"
     pairs_last: int = 0
     tokens_last: int = 0
@@ -78,7 +79,7 @@ class AppliedPlan:
         self.policy = policies.get_policy(tp["name"])
         self.min_k = int(tp.get("min_k", 1))
         self._states = [
-            _LayerState(layer=l, k=k, params={**tp, **row}, renorm=plan.renormalize)
+            _LayerState(layer=l, k=k, params={**tp, **row}, policy=self.policy, renorm=plan.renormalize)
             for l, k, row in zip(layers, plan.ks, plan.layers)
         ]
         self._hooks: list = []
@@ -143,20 +144,26 @@ class AppliedPlan:
 
     # --- per-layer access (profiling, lexi, calibration, tests) ---------------------------------
     @contextmanager
-    def override_layer(self, index: int, k: int | None = None, renormalize: str | None = None):
-        """Temporarily run MoE layer `index` at `k` experts (fixed policy) and/or another weighting."""
+    def override_layer(self, index: int, k: int | None = None, renormalize: str | None = None,
+                       token_policy: str | None = None, params: dict | None = None):
+        """Temporarily run MoE layer `index` at `k` experts, and/or with another weighting, token policy
+        (by name; `params` holds its knob, e.g. {"threshold": tau})."""
         st = self._states[index]
-        saved = st.k, st.renorm
+        saved = st.k, st.renorm, st.policy, st.params
         if k is not None:
             if not 1 <= k <= st.layer.num_experts:
                 raise PlanError(f"layer {index}: k={k} is out of range [1, {st.layer.num_experts}]")
             st.k = int(k)
         if renormalize is not None:
             st.renorm = renormalize
+        if token_policy is not None:
+            st.policy = policies.get_policy(token_policy)
+        if params is not None:
+            st.params = {**st.params, **params}
         try:
             yield self
         finally:
-            st.k, st.renorm = saved
+            st.k, st.renorm, st.policy, st.params = saved
 
     def layer_k(self, index: int) -> int:
         return self._states[index].k
@@ -219,17 +226,17 @@ def _make_router_forward(handle: AppliedPlan, st: _LayerState):
     layer = st.layer
     adapter, router = layer.adapter, layer.router
     cls_forward = type(router).forward
-    policy, min_k = handle.policy, handle.min_k
+    min_k = handle.min_k
     max_k = int(handle.plan.token_policy.get("max_k") or max(layer.top_k, st.k))
-    stock_path = policy.exact  # fixed counts + native weights: the stock router with top_k = K_l
 
     def forward(self, hidden_states, *args, **kwargs):
         T = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
         valid = handle.ctx.valid
         if valid is not None and valid.numel() != T:
             valid = None  # called outside the model forward we hooked (e.g. a sub-module); all real
-        renorm = st.renorm  # read per call: profiling changes k and renorm of one layer at a time
-        if stock_path and renorm == "native":
+        # read per call: profiling changes k, weighting or policy of one layer at a time
+        renorm, policy = st.renorm, st.policy
+        if policy.exact and renorm == "native":  # fixed counts + native weights: the stock router
             # exact stock behaviour (selection order, weights, dtypes) with top_k = K_l
             saved = self.top_k
             self.top_k = st.k

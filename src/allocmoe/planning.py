@@ -90,14 +90,15 @@ def allocate(source, budget=None, method: str = "dp", *, model: nn.Module | None
     K = fp["top_k"] if isinstance(fp["top_k"], int) else max(fp["top_k"])
     B = allocators.parse_budget(budget, L, K, min(k_values), max(k_values))
 
+    tp = {"name": pol.name} if isinstance(token_policy, str) else dict(token_policy)
+    # methods that score whole plans see the policy with the widest defaults the plan could get
     ctx = AllocationContext(budget=B, k_values=k_values, num_layers=L, profile=prof, model=model,
                             windows=windows, seed=seed, progress=progress,
-                            meta={"budget_requested": str(budget)})
+                            token_policy={**pol.defaults(k_values, K), **tp}, meta={"budget_requested": str(budget)})
     ks = meth.allocate(ctx)
-
-    tp = {"name": pol.name} if isinstance(token_policy, str) else dict(token_policy)
     for key, value in pol.defaults(ks, K).items():
         tp.setdefault(key, value)
+
     plan = Plan(layers=[{"k": int(k), "name": n} for k, n in zip(ks, fp.get("moe_layer_names") or [""] * L)],
                 model=fp, token_policy=tp, renormalize=renormalize, method=method, meta=ctx.meta)
     plan.budget = plan.compute_budget()

@@ -166,8 +166,17 @@ def _batch_metrics(logits: torch.Tensor, ref_p: torch.Tensor, ref_plogp: torch.T
 def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_min: int = 1,
             k_max: int | None = None, batch_size: int = 8, renormalize: str = "native", cached: bool = True,
             out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-            data_info: dict | None = None) -> Profile:
-    """Profile every MoE layer of `model` on token `windows` [N, seq_len] (see module docstring)."""
+            data_info: dict | None = None, token_policy: str = "fixed") -> Profile:
+    """Profile every MoE layer of `model` on token `windows` [N, seq_len] (see module docstring).
+
+    `token_policy` profiles each layer under the policy that will be deployed (policy-aware profiling):
+    S[l][k] is then the cost of layer l alone averaging k experts per token under that policy (`global`:
+    the batch's tokens share k*T activations; calibrated policies: their knob tuned so layer l averages k
+    on the calibration windows).
+    """
+    from .policies import get_policy
+
+    pol = get_policy(token_policy)
     if metric not in METRICS:
         raise ProfileError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
     layers = find_moe_layers(model)
@@ -179,7 +188,8 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
     L, nk = len(layers), len(k_values)
     decoder, dec_idx = _decoder_layers(model, layers)
     settings = {"k_min": k_min, "k_max": k_max, "batch_size": batch_size, "seq_len": int(windows.shape[1]),
-                "windows": int(windows.shape[0]), "renormalize": renormalize, "cached": cached}
+                "windows": int(windows.shape[0]), "renormalize": renormalize, "cached": cached,
+                "token_policy": token_policy}
     data = dict(data_info or {}, fingerprint=fingerprint_tokens(windows))
     fp = fingerprint(layers, model)
 
@@ -198,7 +208,13 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
     n_batches = math.ceil(windows.shape[0] / batch_size)
     # skip (l, K) under native weights: it *is* the reference model
     todo = [(l, j) for l in range(L) for j, k in enumerate(k_values)
-            if not (k == layers[l].top_k and renormalize == "native")]
+            if not (k == layers[l].top_k and renormalize == "native" and pol.exact)]
+    knobs = None
+    if pol.calibrated:
+        from .calibration import layer_knobs
+
+        knobs = layer_knobs(model, windows, k_values, token_policy, batch_size=batch_size, progress=progress)
+        settings["knobs"] = knobs
     bar = tqdm(total=(n_batches - start) * len(todo), disable=not progress, desc="profiling", unit="cand",
                dynamic_ncols=True)
     cache = _Cache(decoder)
@@ -224,7 +240,9 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
                     d = dec_idx[l] if cached else 0
                     cache.replay_before(d)
                     try:
-                        with handle.override_layer(l, k=k_values[j], renormalize=renormalize):
+                        with handle.override_layer(l, k=k_values[j], renormalize=renormalize,
+                                                   token_policy=None if pol.exact else token_policy,
+                                                   params={pol.param: knobs[l][j]} if knobs else None):
                             logits = model(x, use_cache=False).logits
                     finally:
                         cache.restore(d)
