@@ -7,7 +7,7 @@ import torch
 import allocmoe
 from allocmoe import methods, policies
 from allocmoe.run import run_configs
-from allocmoe.testing import invoke_cli, tiny_model, tiny_tokenizer
+from allocmoe.testing import invoke_cli, save_tiny, tiny_model, tiny_tokenizer
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. ") * 30
@@ -28,7 +28,8 @@ def top1plus():
     del policies.TOKEN_POLICIES["top1plus"]
 
 
-def test_a_registered_policy_is_usable_everywhere(top1plus):
+def test_a_registered_policy_is_usable_everywhere(top1plus, tmp_path):
+    tmp_dir, plan_path = save_tiny("qwen3_moe", tmp_path / "m"), tmp_path / "plan.json"
     m = tiny_model("qwen3_moe")
     L = len(allocmoe.find_moe_layers(m))
     plan = allocmoe.make_plan(m, [2] * L, token_policy="top1plus")  # validation knows it
@@ -40,9 +41,13 @@ def test_a_registered_policy_is_usable_everywhere(top1plus):
     for s, p in zip(sel, pairs):
         n = (s >= 0).sum(-1)
         assert set(n.tolist()) <= {1, 2} and int(n.sum()) == p
-    # the CLI's help is derived from the registry
+    # the CLI validates against the live registry (its help lists the policies registered at import)
+    rc, _, err = invoke_cli("allocate", "--model", tmp_dir, "--method", "uniform", "--budget", "0.5",
+                            "--token-policy", "top1plus", "--out", plan_path)
+    assert rc == 0, err
+    assert allocmoe.Plan.load(plan_path).token_policy["name"] == "top1plus"
     rc, out, _ = invoke_cli("allocate", "--help")
-    assert rc == 0 and "top1plus" in out
+    assert rc == 0 and all(name in out for name in ("fixed", "global", "threshold", "top-p", "naee"))
 
 
 def test_main_job_configs_follow_the_registries(monkeypatch):

@@ -365,11 +365,46 @@ def bench(
     err.print(f"wrote {out_path}")
 
 
+@app.command()
+def serve(
+    model: Optional[str] = ModelOpt,
+    plan: Optional[Path] = typer.Option(None, "--plan", "-p", help="Plan JSON to apply (default: the full model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    continuous_batching: bool = typer.Option(
+        False, "--continuous-batching", help="Pack concurrent requests into shared forward calls (transformers' "
+        "continuous batching, paged KV cache; not for multi-head-latent-attention models such as DeepSeek-V2)."),
+    served_model_name: Optional[str] = typer.Option(
+        None, help="Model name clients send (default: the --model value, or allocmoe/default)."),
+    max_batch_tokens: int = typer.Option(512, help="Continuous batching: most tokens in one forward call."),
+    num_blocks: int = typer.Option(64, help="Continuous batching: KV cache blocks (of --page-size tokens)."),
+    page_size: int = typer.Option(64, help="Continuous batching: tokens per KV cache page."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)."),
+    log_level: str = typer.Option("warning", help="uvicorn log level."),
+):
+    """Serve the model with a plan applied: OpenAI-compatible /v1/models, /v1/completions, /v1/chat/completions.
+
+    transformers' own server (`transformers serve`) with the patched model preloaded. Each completion's usage
+    block carries the measured activations per token (`activations_per_token`, and the server's so far);
+    non-streaming responses also carry them in the x-allocmoe-activations-per-token header.
+    """
+    from .serving import ServeSettings, serve as run_server
+
+    run_server(ServeSettings(model=model, plan=str(plan) if plan else None, host=host, port=port,
+                             continuous_batching=continuous_batching, served_model_name=served_model_name,
+                             max_batch_tokens=max_batch_tokens, num_blocks=num_blocks, page_size=page_size,
+                             threads=threads, log_level=log_level),
+               log=lambda s: err.print(s, highlight=False, markup=False, soft_wrap=True))
+
+
 # Library errors name API parameters (`AllocMoeError.param`); the CLI adds the flag that sets each one.
 FLAG_HINTS = {
     "force": "pass --force to overwrite", "resume": "--resume", "seq_len": "--seq-len", "model": "--model",
     "data": "--data", "dtype": "--dtype", "method": "--method", "budget": "--budget",
     "token_policy": "--token-policy", "max_tokens": "--max-tokens", "tokenizer": "--model", "record": None,
+    "repeats": "--repeats", "warmup": "--warmup", "threads": "--threads", "decode_batches": "--decode-batches",
+    "prefill_len": "--prefill-len", "experts_implementation": "--experts-implementation",
+    "sparse_path": "--sparse-path",
 }
 
 

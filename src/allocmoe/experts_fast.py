@@ -45,6 +45,13 @@ IMPL_NAME = "allocmoe"  # the experts implementation `register_experts_implement
 _IMPL_TO_PATH = {"grouped_mm": "grouped", "eager": "loop", "batched_mm": "batched", IMPL_NAME: "auto"}
 AUTO_LOOP_MAX_PAIRS = 16  # `auto`: calls with at most this many (token, slot) pairs use the loop path
 
+def default_sparse_path() -> str:
+    """The path `apply` uses when none is given: $ALLOCMOE_SPARSE_EXPERTS, else `follow`."""
+    import os
+
+    return os.environ.get("ALLOCMOE_SPARSE_EXPERTS", "follow")
+
+
 def supports_fast(module) -> bool:
     """Whether `module` is a transformers experts bank this module knows how to compute directly."""
     if getattr(module, "_is_expert_parallel", False):

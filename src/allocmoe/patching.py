@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import MoELayer, find_moe_layers
-from . import experts_fast, policies
+from . import distributed, experts_fast, policies
 from .errors import PlanError, SettingsError
 from .plan import Plan
 
@@ -70,7 +70,7 @@ class AppliedPlan:
         self.model, self.plan, self.layers = model, plan, layers
         self.record = record  # keep each layer's last selected index [T, M] (tests, analysis)
         self.count_experts = count_experts  # per-expert load (cheap, but off for benchmarks)
-        self.sparse_path = sparse_path or os.environ.get("ALLOCMOE_SPARSE_EXPERTS", "follow")
+        self.sparse_path = sparse_path or experts_fast.default_sparse_path()
         if self.sparse_path not in experts_fast.SPARSE_PATHS:
             raise SettingsError(f"unknown sparse experts path {self.sparse_path!r} "
                                 f"(choose from {', '.join(experts_fast.SPARSE_PATHS)})", param="sparse_path")
@@ -104,6 +104,8 @@ class AppliedPlan:
             self._hooks.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self._hooks.append(m.register_forward_hook(self._post_hook, always_call=True))
         setattr(self.model, _HANDLE_ATTR, self)
+        # sharded model under torchrun: counts become global after every call (see distributed.py)
+        self._reducer = distributed.CountReducer.for_model(self.model, self._states)
         self.active = True
         return self
 
@@ -141,6 +143,8 @@ class AppliedPlan:
         self.ctx.depth = max(0, self.ctx.depth - 1)
         if self.ctx.depth == 0:
             self.ctx.valid = None
+            if getattr(self, "_reducer", None) is not None:
+                self._reducer.after_call()
 
     # --- per-layer access (profiling, lexi, calibration, tests) ---------------------------------
     @contextmanager
@@ -179,6 +183,8 @@ class AppliedPlan:
         for st in self._states:
             st.pairs_last = st.tokens_last = st.pairs_total = st.tokens_total = 0
             st.expert_counts = None
+        if getattr(self, "_reducer", None) is not None:
+            self._reducer.reset()
 
     def counts(self) -> dict:
         """Measured (token, expert) pairs per MoE layer, for the last forward call and cumulatively."""
@@ -210,6 +216,15 @@ def _real_token_mask(args, kwargs) -> torch.Tensor | None:
     ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     if ids is None:
         ids = kwargs.get("inputs_embeds")
+    cu = kwargs.get("cu_seq_lens_q")
+    if isinstance(cu, torch.Tensor) and cu.numel() and ids is not None and ids.shape[0] == 1:
+        # a packed batch (transformers' continuous batching): the requests' query tokens lie end to end in
+        # [0, cu[-1]); anything after is padding added for static shapes (CUDA graphs / compile). The KV
+        # cache (stale slots included) never reaches the MoE layers, only these query tokens do.
+        n_real = int(cu[-1])
+        if n_real >= ids.shape[1]:
+            return None
+        return torch.arange(ids.shape[1], device=ids.device) < n_real
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or ids is None:
         return None
     seq = ids.shape[1]
@@ -288,6 +303,7 @@ def _mix_weights(adapter, router, scores, index, renorm: str, original_k: int) -
 
 def _make_experts_forward(handle: AppliedPlan, st: _LayerState, stock_forward):
     E = st.layer.num_experts
+    sparse_forward = distributed.sparse_forward_for(st.layer.experts, E)  # sharded experts: per-rank kernels
 
     def forward(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs):
         if st.dense:
@@ -298,7 +314,7 @@ def _make_experts_forward(handle: AppliedPlan, st: _LayerState, stock_forward):
             # only the real (token, expert) pairs are computed: one sort by expert, one gather, the
             # configured kernel family (grouped / per-expert loop / batched) once, one index_add_ back
             # (see experts_fast; the `reference` path there is the former compact-then-stock path)
-            out, n_pairs, per_expert = experts_fast.sparse_experts_forward(
+            out, n_pairs, per_expert = sparse_forward(
                 self, hidden_states, top_k_index, top_k_weights,
                 stock_forward=(lambda h, i, w: stock_forward(h, i, w, *args, **kwargs)),
                 path=experts_fast.resolve_path(self, handle.sparse_path, top_k_index.numel()))

@@ -80,6 +80,30 @@ def _fmt(x, nd=3):
     return f"{x:.{nd}f}"
 
 
+def _speed_cell(sp: dict, phase: str) -> str:
+    """A measured speed-up beside its Amdahl limit, marked ⚠ when flagged as unreliable ("-" if not measured)."""
+    from .bench.tables import marked_ratio
+
+    if sp.get(f"{phase}_speedup") is None:
+        return "-"
+    return marked_ratio(sp[f"{phase}_speedup"], sp.get(f"{phase}_limit"), sp.get(f"{phase}_flags") or ())
+
+
+def _flagged_speeds(results: dict) -> list[str]:
+    from .bench.tables import describe_flags
+
+    out = []
+    for r in results["configs"]:
+        sp = r.get("speed") or {}
+        for phase in ("prefill", "decode"):
+            if sp.get(f"{phase}_flags"):
+                out.append(f"{r['label']} at budget {r.get('budget')}, {phase}: "
+                           f"{_fmt(sp.get(f'{phase}_speedup'), 2)}x vs a limit of "
+                           f"{_fmt(sp.get(f'{phase}_limit'), 2)}x "
+                           f"({describe_flags(sp[f'{phase}_flags'])})")
+    return out
+
+
 def markdown_report(results: dict) -> str:
     m, s = results["model"], results["settings"]
     full = next(r for r in results["configs"] if r["method"] == "full")
@@ -104,18 +128,21 @@ def markdown_report(results: dict) -> str:
         rows.sort(key=lambda r: r["perplexity"])
         lines += [f"## Budget {b} of the original", ""]
         head = "| rank | method | act/tok | val ppl | Δppl | bits/byte |" + "".join(f" {t} acc |" for t in task_names)
-        head += " prefill x | decode x | per-layer k |"
+        head += " prefill x (limit) | decode x (limit) | per-layer k |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for i, r in enumerate(rows, 1):
             sp = r.get("speed") or {}
             row = (f"| {i} | {r['label']} | {_fmt(r['activations_per_token'], 2)} | {_fmt(r['perplexity'])} | "
                    f"{100 * (r['perplexity'] / full['perplexity'] - 1):+.1f}% | {_fmt(r['bits_per_byte'], 4)} |")
             row += "".join(f" {_fmt(r['tasks'][t]['accuracy'])} |" for t in task_names)
-            row += f" {_fmt(sp.get('prefill_speedup'), 2)} | {_fmt(sp.get('decode_speedup'), 2)} | {r['ks']} |"
+            row += f" {_speed_cell(sp, 'prefill')} | {_speed_cell(sp, 'decode')} | {r['ks']} |"
             lines.append(row)
         lines.append("")
     if results.get("speed_note"):
         lines += ["## Speed", "", results["speed_note"], ""]
+        flagged = _flagged_speeds(results)
+        if flagged:
+            lines += ["Unreliable speed-ups (⚠):", ""] + [f"- {f}" for f in flagged] + [""]
     lines += ["## Files", "", "- `results.json`: every number above and more (per-layer measured activations, "
               "task details counts, plans)", "- `frontier.png`, `allocation.png`, `profile.json`, `plans/`", ""]
     return "\n".join(lines)

@@ -198,12 +198,13 @@ def _speed(model, plans, configs, s: RunSettings) -> str:
     load = lambda l: f"{l[0]:.2f}" if l else "?"  # noqa: E731
     n_flagged = sum(len(v) for v in rel["flagged"].values())
     return (f"Speed-ups at budget {mid} vs the full model, measured side by side in this run with "
-            f"`allocmoe.bench.run_bench` ({env['threads']} threads; load average (1 min) {load(env.get('loadavg_start'))}"
-            f" at the start, {load(env.get('loadavg_end'))} at the end, on {env.get('cpu_count')} logical CPUs; "
+            f"`allocmoe.bench.run_bench` ({env['threads']} thread(s); load average (1 min) "
+            f"{load(env.get('loadavg_start'))} at the start, {load(env.get('loadavg_end'))} at the end, on "
+            f"{env.get('cpu_count')} logical CPUs; "
             f"prefill 1x{s.seq_len}, decode batch 1 x 16 tokens, interleaved, medians of 3). Each ratio is shown "
             f"beside its Amdahl limit (≤){share}; ⚠ marks a ratio more than {rel['tolerance']:.0%} above its limit "
             f"or from repeats spread wider than {rel['max_spread']:.0%} (IQR/median), still so after re-measuring "
-            f"once: do not trust it ({n_flagged} flagged)."
+            f"once: do not trust it ({n_flagged} of {2 * len(chosen)} flagged)."
             + (" The load average shows other processes competing for the CPU during the measurement."
                if machine_busy(env) else "")
             + " A small model on CPU is dominated by non-expert work; for a careful benchmark use `allocmoe bench`.")
