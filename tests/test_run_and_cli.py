@@ -18,6 +18,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     model = save_tiny("deepseek_v2", d / "model")
     (d / "text.txt").write_text(TEXT)
+    (d / "ood.txt").write_text("ABASEMENT, n. A decent and customary mental attitude in the presence of wealth. " * 20)
     task = {"name": "toy", "examples": [{"input": "a single", "target_scores": {"man": 1, "dog": 0}},
                                          {"input": "a good", "target_scores": {"fortune": 1, "wife": 0}}]}
     (d / "task.json").write_text(json.dumps(task))
@@ -28,7 +29,7 @@ def test_run_writes_well_formed_report(setup):
     d, model = setup
     s = RunSettings(budgets=[0.5, 0.75], calibration_tokens=512, policy_calibration_tokens=512, eval_tokens=512,
                     seq_len=64, data=[str(d / "text.txt")], calibration_data=[str(d / "text.txt")],
-                    tasks=[str(d / "task.json")], speed=False)
+                    tasks=[str(d / "task.json")], speed=False, ood_data=[str(d / "ood.txt")], ood_tokens=256)
     out = d / "out"
     res = run(model, out, s)
     for f in ("results.json", "report.md", "frontier.png", "allocation.png", "profile.json"):
@@ -44,8 +45,12 @@ def test_run_writes_well_formed_report(setup):
         if c["method"] != "full" and c["policy"] in ("fixed", "global"):
             assert c["activations_per_token"] == sum(c["ks"])  # measured counts meet the plan exactly
         assert c["tasks"]["toy"]["n"] == 2
+        # every configuration is also measured out of domain, with its own measured activations
+        assert c["ood"]["tokens"] == 256 and c["ood"]["perplexity"] > 1
+        if c["policy"] == "fixed":
+            assert c["ood"]["activations_per_token"] == sum(c["ks"])
     md = (out / "report.md").read_text()
-    assert "## Budget 0.5 of the original" in md and "Alloc-L (dp)" in md
+    assert "## Budget 0.5 of the original" in md and "Alloc-L (dp)" in md and "OOD Δppl" in md
     assert len(list((out / "plans").glob("*.json"))) == 2 * 9
     assert res["configs"] == r["configs"]
     # refuses to write into a non-empty directory without --force

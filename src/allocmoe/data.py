@@ -13,7 +13,7 @@ from .errors import DataError, SettingsError
 
 
 def builtin_text(split: str) -> Path:
-    """Path of a shipped split of the built-in corpus: 'calibration' or 'validation'."""
+    """Path of a shipped split of the built-in corpus: 'calibration', 'validation' or 'ood' (out-of-domain)."""
     p = Path(str(resources.files("allocmoe") / "assets" / "data" / f"{split}.txt"))
     if not p.exists():
         raise DataError(f"built-in {split} text is missing ({p}); reinstall allocmoe or give your own text", param="data")

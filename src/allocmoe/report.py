@@ -119,6 +119,9 @@ def markdown_report(results: dict) -> str:
         f"windows of {s['seq_len']}; tasks: {', '.join(task_names) or 'none'}",
         "- `act/tok` is **measured**: (token, expert) pairs the patched model executed during the validation "
         "pass, divided by real tokens. Δppl is relative to the full model.",
+        *([f"- out-of-domain (OOD): {full['ood']['tokens']:,} tokens of "
+           f"`{', '.join(Path(p).name for p in s.get('ood_files', []))}`, a style absent from the calibration text"]
+          if "ood" in full else []),
         f"- full model: perplexity {_fmt(full['perplexity'])}, bits/byte {_fmt(full['bits_per_byte'], 4)}"
         + "".join(f", {t} acc {_fmt(full['tasks'][t]['accuracy'])}" for t in task_names),
         "",
@@ -127,13 +130,19 @@ def markdown_report(results: dict) -> str:
         rows = [r for r in results["configs"] if r.get("budget") == b]
         rows.sort(key=lambda r: r["perplexity"])
         lines += [f"## Budget {b} of the original", ""]
-        head = "| rank | method | act/tok | val ppl | Δppl | bits/byte |" + "".join(f" {t} acc |" for t in task_names)
+        has_ood = "ood" in full
+        head = "| rank | method | act/tok | val ppl | Δppl | bits/byte |" + " OOD ppl | OOD Δppl |" * has_ood
+        head += "".join(f" {t} acc |" for t in task_names)
         head += " prefill x (limit) | decode x (limit) | per-layer k |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for i, r in enumerate(rows, 1):
             sp = r.get("speed") or {}
             row = (f"| {i} | {r['label']} | {_fmt(r['activations_per_token'], 2)} | {_fmt(r['perplexity'])} | "
                    f"{100 * (r['perplexity'] / full['perplexity'] - 1):+.1f}% | {_fmt(r['bits_per_byte'], 4)} |")
+            if has_ood:
+                o = r.get("ood") or {}
+                row += (f" {_fmt(o.get('perplexity'))} | "
+                        f"{100 * (o['perplexity'] / full['ood']['perplexity'] - 1):+.1f}% |" if o else " - | - |")
             row += "".join(f" {_fmt(r['tasks'][t]['accuracy'])} |" for t in task_names)
             row += f" {_speed_cell(sp, 'prefill')} | {_speed_cell(sp, 'decode')} | {r['ks']} |"
             lines.append(row)

@@ -71,6 +71,10 @@ class RunSettings:
     tasks: list[str] | None = None  # task JSON paths; None = the shipped tasks
     data: list[str] | None = None  # validation text files; None = the built-in validation split
     calibration_data: list[str] | None = None
+    # out-of-domain text (a style the calibration text does not have); None = the built-in ood split,
+    # [] = skip. A plan that only fits the calibration text is not a better plan.
+    ood_data: list[str] | None = None
+    ood_tokens: int = 8192
     speed: bool = True
     seed: int = 0
     threads: int | None = None
@@ -91,7 +95,8 @@ def evaluate_config(model, tok, plan: Plan | None, texts, tasks: list[dict], s: 
 
 
 def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, force: bool = False,
-        dtype: str = "float32") -> dict:
+        dtype: str = "float32", load_kwargs: dict | None = None) -> dict:
+    """The main job. `load_kwargs` go to `load_model` (device_map / max_memory / offload_dir)."""
     s = settings or RunSettings()
     out = Path(out)
     prepare_out_dir(out, force)
@@ -99,10 +104,11 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
     t_start = time.perf_counter()
-    model, tok, path = load_model(model_spec, dtype)
+    model, tok, path = load_model(model_spec, dtype, **(load_kwargs or {}))
     layers = find_moe_layers(model)
     tasks = [load_task(p) for p in (s.tasks if s.tasks is not None else shipped_tasks())]
     val_texts, val_names = read_texts(s.data, "validation")
+    ood_texts, ood_names = read_texts(s.ood_data, "ood") if s.ood_data != [] else ([], [])
     cal_texts, cal_names = read_texts(s.calibration_data, "calibration")
     cal = token_windows(tok, cal_texts, s.seq_len, s.calibration_tokens, name=cal_names[0])
     pol_cal = cal[: max(1, s.policy_calibration_tokens // s.seq_len)]
@@ -128,14 +134,21 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
                   f"{min(s.eval_tokens, 10**9):,} validation tokens + {len(tasks)} tasks")
     from tqdm.auto import tqdm
 
+    def ood(plan):
+        if not ood_texts:
+            return {}
+        r = evaluate(model, plan, tokenizer=tok, texts=ood_texts, seq_len=s.seq_len, batch_size=s.batch_size,
+                     max_tokens=s.ood_tokens)
+        return {"ood": {k: r[k] for k in ("perplexity", "tokens", "activations_per_token")}}
+
     configs = []
     full_res = evaluate_config(model, tok, None, val_texts, tasks, s)
     configs.append(dict(label="full model", method="full", policy="fixed", budget=1.0,
-                        ks=[l.top_k for l in layers], **full_res))
+                        ks=[l.top_k for l in layers], **full_res, **ood(None)))
     for label, method, b, plan in tqdm(plans, desc="evaluating", unit="cfg"):
         r = evaluate_config(model, tok, plan, val_texts, tasks, s)
         configs.append(dict(label=label, method=method, policy=plan.policy, budget=b, ks=plan.ks,
-                            plan_budget=plan.budget, token_policy=plan.token_policy, **r))
+                            plan_budget=plan.budget, token_policy=plan.token_policy, **r, **ood(plan)))
 
     speed_note = None
     if s.speed:
@@ -145,7 +158,7 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
     results = {
         "allocmoe_version": __version__,
         "model": {"path": local_path(model_spec), **model_description(model, layers)},
-        "settings": dict(vars(s), validation_files=val_names, calibration_files=cal_names,
+        "settings": dict(vars(s), validation_files=val_names, calibration_files=cal_names, ood_files=ood_names,
                          profile_seconds=profile_seconds, threads=torch.get_num_threads(),
                          torch=torch.__version__, python=platform.python_version()),
         "profile": {"k_values": prof.k_values, "sensitivity": prof.sensitivity, "metric": prof.metric,
