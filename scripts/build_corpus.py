@@ -13,18 +13,29 @@ Deterministic and re-runnable.  Steps:
      big-endian length header followed by a zlib stream of R serialisation.
      The R serialisation itself is decoded with the ``rdata`` package.
    * ``sword-text-web``, ``sword-text-kjv``, ``sword-comm-tdavid``,
-     ``sword-comm-mhcc`` -- SWORD modules (zText / zCom / zCom4 drivers).
+     ``sword-comm-mhcc``, ``sword-comm-scofield`` -- SWORD modules (zText /
+     zCom / zCom4 drivers).
      ``*.?zs`` holds 12-byte ``<III`` block records (offset, size,
      uncompressed size) into the zlib-compressed ``*.?zz`` file; ``*.?zv``
      holds one record per verse/entry, ``<IIH`` (block, offset, size; 10 bytes)
      for zText/zCom or ``<III`` (12 bytes) for zText4/zCom4, pointing into the
      *decompressed* block.  OSIS / ThML / GBF markup is stripped, footnotes and
      cross references dropped.
+   * ``dict-gcide`` (GCIDE / Webster 1913), ``dict-jargon`` (the Jargon File),
+     ``dict-devil`` (Bierce's Devil's Dictionary) -- dictd databases: a
+     ``.index`` of ``headword<TAB>offset<TAB>length`` (dictd base64 numbers)
+     into the gzip-compatible ``.dict.dz``; dictionary markup is stripped to
+     readable definition prose (:func:`gcide_entry_to_text`).
 3. Cut every source into contiguous chunks of whole paragraphs (>= CHUNK_CHARS
    characters) and assign each chunk to a split by a hash of
    ``"<source>:<chunk index>"`` (see :func:`split_of`).
-4. Write ``corpus_build/{train,validation,calibration}.txt`` and copy the
-   validation and calibration splits into ``src/allocmoe/assets/data/``.
+   One whole source, :data:`OOD_SOURCE` (the Devil's Dictionary), is held out
+   of all three splits as the out-of-domain split.
+4. Write ``corpus_build/{train,validation,calibration,ood}.txt``, re-derive
+   the v1 (original five packages) validation/calibration splits into
+   ``corpus_build/v1/`` and check them against the shipped files, and copy
+   ``ood.txt`` into ``src/allocmoe/assets/data/`` (``--copy-splits``: also the
+   new validation and calibration splits).
 
 Usage::
 
@@ -53,14 +64,34 @@ REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "corpus_build"
 ASSET_DATA = REPO / "src" / "allocmoe" / "assets" / "data"
 
-#: Debian packages used (Debian 12 "bookworm", main).
-PACKAGES = [
-    "r-cran-janeaustenr",
+#: SWORD module packages.  The first four are the original (v1) corpus; the
+#: rest were added for issue 14 (a broader corpus).
+SWORD_PACKAGES = [
     "sword-text-web",
     "sword-text-kjv",
     "sword-comm-tdavid",
     "sword-comm-mhcc",
+    "sword-comm-scofield",
 ]
+#: dictd databases (``usr/share/dictd/<name>.index`` + ``<name>.dict.dz``): package -> database name.
+DICTD_PACKAGES = {
+    "dict-gcide": "gcide",
+    "dict-jargon": "jargon",
+    "dict-devil": "devil",
+}
+#: Debian packages used (Debian 12 "bookworm", main).
+PACKAGES = ["r-cran-janeaustenr", *SWORD_PACKAGES, *DICTD_PACKAGES]
+
+#: Sources of the original (v1) corpus, on which the shipped default model was trained
+#: (plus the six ``austen-*`` novels): the SWORD modules of the first four SWORD packages.
+V1_SOURCES = {"sword-engWEB2015eb", "sword-engKJV2006eb", "sword-TDavid", "sword-MHCC"}
+
+#: Whole source held out of training as the out-of-domain split (never chunked
+#: into train/validation/calibration): Ambrose Bierce's *The Devil's Dictionary*
+#: (satirical definitions, prose and verse, 1911) -- not in any training split.
+OOD_SOURCE = "dictd-devil"
+#: Cap of the shipped out-of-domain text (whole paragraphs, from the start of the source).
+OOD_MAX_CHARS = 360_000
 
 #: Minimum chunk size in characters (chunks end at paragraph boundaries).
 CHUNK_CHARS = 8000
@@ -315,6 +346,101 @@ def read_austen(pkg_root: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------
+# dictd databases (GCIDE, Jargon File, Devil's Dictionary)
+# --------------------------------------------------------------------------
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def dictd_b64(s: str) -> int:
+    """Decode a dictd index number (base64 digits, most significant first, no padding)."""
+    n = 0
+    for c in s:
+        n = n * 64 + _B64.index(c)
+    return n
+
+
+def read_dictd(index: bytes | str, data: bytes) -> list[tuple[str, str]]:
+    """Entries ``(headword, body)`` of a dictd database, in file (offset) order.
+
+    ``index`` is the ``.index`` file (``headword\toffset\tlength`` per line,
+    numbers in dictd base64); ``data`` the *uncompressed* ``.dict`` file
+    (``.dict.dz`` is gzip-compatible).  Entries that several headwords share
+    are returned once; the ``00-database-*`` / ``00database*`` meta entries
+    are skipped.
+    """
+    if isinstance(index, bytes):
+        index = index.decode("utf-8", errors="replace")
+    seen: dict[tuple[int, int], str] = {}
+    for line in index.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        head = parts[0]
+        if head.startswith("00-database") or head.startswith("00database"):
+            continue
+        key = (dictd_b64(parts[1]), dictd_b64(parts[2]))
+        seen.setdefault(key, head)
+    out = []
+    for (off, length), head in sorted(seen.items()):
+        out.append((head, data[off : off + length].decode("utf-8", errors="replace")))
+    return out
+
+
+def blocks_to_paragraphs(text: str) -> list[str]:
+    """Blank-line separated blocks of hard-wrapped lines -> one-line paragraphs."""
+    paras = []
+    for block in re.split(r"\n\s*\n", text):
+        p = _SPACES.sub(" ", " ".join(ln.strip() for ln in block.splitlines())).strip()
+        if p:
+            paras.append(p)
+    return paras
+
+
+_GCIDE_PRON = re.compile(r"^(?P<head>[^\\\n]+?) \\[^\\\n]*\\(?: ?\([^)\n]*\))?", flags=re.MULTILINE)
+_BRACKETS = re.compile(r"\[[^\[\]]*\]")
+_ATTRIB = re.compile(r"\s*--\s*(?=[A-Z])")
+_BRACES = re.compile(r"[{}]")
+
+
+def gcide_entry_to_text(body: str) -> str:
+    """Readable prose from one GCIDE (dictd) entry.
+
+    Pronunciations (``Fer*ment"``) after each headword are removed, as are all
+    ``[...]`` groups (etymologies, ``[1913 Webster]`` / ``[PJC]`` source tags,
+    ``[Obs.]`` labels, inflection lists and ``[a^]``-style character codes),
+    cross-reference braces are dropped (``{Ferment}`` -> ``Ferment``), quotation
+    attributions ``--Milton.`` become ``-- Milton.``, and hard-wrapped lines
+    are joined into one paragraph per blank-line separated block.
+    """
+    text = _GCIDE_PRON.sub(lambda m: m.group("head"), body)
+    prev = None
+    while prev != text:  # innermost groups first (nested brackets)
+        prev, text = text, _BRACKETS.sub("", text)
+    text = _BRACES.sub("", text)
+    text = _ATTRIB.sub(" -- ", text)
+    paras = []
+    for p in blocks_to_paragraphs(text):
+        p = re.sub(r"\s+([,.;:])", r"\1", p)
+        p = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", p)  # punctuation left behind by removed groups
+        p = re.sub(r"\(\s*\)", "", p)
+        p = _SPACES.sub(" ", p).strip(" ,;")
+        if len(p) > 1 and re.search(r"[A-Za-z]{2}", p):
+            paras.append(p)
+    return "\n".join(paras)
+
+
+def dictd_entry_to_text(head: str, body: str) -> str:
+    """Readable prose from a Jargon File / Devil's Dictionary entry: the headword
+    line(s) before the first blank line are joined into a heading paragraph when
+    they do not already start the definition, cross-reference braces removed,
+    ``_emphasis_`` marks dropped, hard-wrapped lines joined into paragraphs."""
+    text = _BRACES.sub("", body)
+    text = re.sub(r"(?<![A-Za-z0-9])_([^_\n]+)_(?![A-Za-z0-9])", r"\1", text)
+    return "\n".join(blocks_to_paragraphs(text))
+
+
+# --------------------------------------------------------------------------
 # chunking and splitting
 # --------------------------------------------------------------------------
 
@@ -406,24 +532,59 @@ def extract_deb(deb: Path, dest: Path) -> Path:
     return dest
 
 
+DICTD_TITLES = {
+    "gcide": "GNU Collaborative International Dictionary of English (Webster 1913 + WordNet 1.5 glosses)",
+    "jargon": "The Jargon File 4.4.7 (the hacker lexicon)",
+    "devil": "Ambrose Bierce, The Devil's Dictionary (1911)",
+}
+
+
+def read_dictd_source(pkg_root: Path, db: str) -> str:
+    d = pkg_root / "usr/share/dictd"
+    entries = read_dictd((d / f"{db}.index").read_bytes(), gzip.decompress((d / f"{db}.dict.dz").read_bytes()))
+    conv = (lambda h, b: gcide_entry_to_text(b)) if db == "gcide" else dictd_entry_to_text
+    return "\n".join(t for t in (conv(h, b) for h, b in entries) if t)
+
+
 def read_sources(extract: dict[str, Path]) -> Iterator[tuple[str, str, str]]:
     """Yield (source name, title, clean text) for every text of every package."""
     for name, text in read_austen(extract["r-cran-janeaustenr"]).items():
         yield f"austen-{name}", AUSTEN_BOOKS[name], text
-    for pkg in PACKAGES[1:]:
+    for pkg in SWORD_PACKAGES:
         root = extract[pkg] / "usr/share/sword"
         for conf_path in sorted((root / "mods.d").glob("*.conf")):
             conf, entries = read_sword_module(root, conf_path)
             mod = conf["__name__"]
             sep = "\n" if conf.get("Category", "").lower().startswith("comment") else " "
             yield f"sword-{mod}", conf.get("Description", mod), sword_entries_to_text(entries, sep)
+    for pkg, db in DICTD_PACKAGES.items():
+        yield f"dictd-{db}", DICTD_TITLES[db], read_dictd_source(extract[pkg], db)
+
+
+def ood_text(text: str, max_chars: int = OOD_MAX_CHARS) -> str:
+    """The out-of-domain split: whole paragraphs from the start of ``text`` up to ``max_chars``."""
+    out, n = [], 0
+    for p in text.split("\n"):
+        if not p.strip():
+            continue
+        if out and n + len(p) + 1 > max_chars:
+            break
+        out.append(p)
+        n += len(p) + 1
+    return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--offline", action="store_true", help="only use cached .deb files")
     ap.add_argument("--build-dir", type=Path, default=BUILD)
-    ap.add_argument("--no-assets", action="store_true", help="do not copy splits into src/")
+    ap.add_argument("--no-assets", action="store_true", help="do not copy anything into src/")
+    ap.add_argument(
+        "--copy-splits",
+        action="store_true",
+        help="also copy the new validation/calibration splits into src/ (default: only ood.txt is copied; "
+        "the shipped validation/calibration stay those of the v1 corpus)",
+    )
     args = ap.parse_args(argv)
 
     build: Path = args.build_dir
@@ -440,21 +601,45 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:28s} {len(text.encode()) / 1e6:7.2f} MB  {title}", flush=True)
 
     print("[3/4] chunking + splitting", flush=True)
+    ood = ood_text(sources.pop(OOD_SOURCE))
     splits = assign_splits(sources)
+    v1 = {n: t for n, t in sources.items() if n.startswith("austen-") or n in V1_SOURCES}
+    v1_splits = assign_splits(v1)
 
     print("[4/4] writing", flush=True)
-    summary = {"packages": {p: d.version for p, d in debs.items()}, "sources": meta, "splits": {}}
+    summary = {
+        "packages": {p: d.version for p, d in debs.items()},
+        "sources": meta,
+        "ood_source": OOD_SOURCE,
+        "splits": {},
+        "v1_splits": {},
+    }
     for split, chunks in splits.items():
         text = "\n\n".join(chunks) + "\n"
         (build / f"{split}.txt").write_text(text, encoding="utf-8")
         summary["splits"][split] = {"chunks": len(chunks), "bytes": len(text.encode())}
         print(f"  {split:12s} {len(chunks):5d} chunks {len(text.encode()) / 1e6:8.3f} MB", flush=True)
+    (build / "ood.txt").write_text(ood, encoding="utf-8")
+    summary["splits"]["ood"] = {"source": OOD_SOURCE, "bytes": len(ood.encode()), "paragraphs": ood.count("\n")}
+    print(f"  {'ood':12s} {OOD_SOURCE} {len(ood.encode()) / 1e6:8.3f} MB", flush=True)
+    (build / "v1").mkdir(exist_ok=True)
+    for split in ("validation", "calibration"):
+        text = "\n\n".join(v1_splits[split]) + "\n"
+        (build / "v1" / f"{split}.txt").write_text(text, encoding="utf-8")
+        shipped = ASSET_DATA / f"{split}.txt"
+        same = shipped.exists() and shipped.read_text(encoding="utf-8") == text
+        summary["v1_splits"][split] = {"chunks": len(v1_splits[split]), "identical_to_shipped": same}
+        print(f"  v1 {split}: {len(v1_splits[split])} chunks, identical to shipped {shipped.name}: {same}", flush=True)
     (build / "corpus_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not args.no_assets:
         ASSET_DATA.mkdir(parents=True, exist_ok=True)
-        for split in ("validation", "calibration"):
-            shutil.copyfile(build / f"{split}.txt", ASSET_DATA / f"{split}.txt")
-        print(f"  copied validation/calibration to {ASSET_DATA.relative_to(REPO)}", flush=True)
+        shutil.copyfile(build / "ood.txt", ASSET_DATA / "ood.txt")
+        copied = ["ood"]
+        if args.copy_splits:
+            for split in ("validation", "calibration"):
+                shutil.copyfile(build / f"{split}.txt", ASSET_DATA / f"{split}.txt")
+            copied += ["validation", "calibration"]
+        print(f"  copied {'/'.join(copied)} to {ASSET_DATA.relative_to(REPO)}", flush=True)
     return 0
 
 

@@ -27,6 +27,12 @@ Steps (each is idempotent):
   ``corpus_build/train_ckpt/`` every few minutes; at the end writes the bf16
   safetensors checkpoint + tokenizer + ``TRAINING.md`` into
   ``src/allocmoe/assets/default_model/``.
+  Shape flags (``--layers``, ``--experts``, ``--expert-width``, ``--shared``,
+  ...), ``--train-file`` (e.g. the v2 corpus), ``--tokenizer`` (default: the
+  built-in model's), ``--save-minutes N`` (atomically write a bf16 HF model
+  dir to ``--out-dir`` every N minutes, with ``progress.json``) and
+  ``--init-from DIR`` (warm restart from such a dir: fresh optimizer, lr
+  schedule and data order continued at its step, short re-warmup).
 * ``bench``: run training steps for N seconds and report throughput.
 * ``eval``: validation perplexity at top-6, uniform top-3, and each MoE layer
   alone at top-3, plus three sample continuations ->
@@ -302,8 +308,9 @@ def train_loop(args, bench_seconds: float | None = None):
     from tqdm import tqdm
 
     torch.set_num_threads(args.threads)
-    tok = load_tokenizer(TOK_DIR)
-    data = encode_file(tok, BUILD / "train.txt", BUILD / "train_ids.npy")
+    tok = load_tokenizer(args.tokenizer)
+    train_file = args.train_file
+    data = encode_file(tok, train_file, ids_cache(train_file, tok))
     val = encode_file(tok, VAL_TXT, BUILD / "val_ids.npy")
     model = build_model(tok, args.seed, args.experts_impl, **shape_overrides(args))
     cfg = model.config
@@ -311,6 +318,19 @@ def train_loop(args, bench_seconds: float | None = None):
         g = torch.Generator().manual_seed(args.seed + 1)
         for gate in moe_gates(model).values():
             gate.weight.copy_(torch.randn(gate.weight.shape, generator=g) * args.router_init_std)
+    warm_start = None
+    if getattr(args, "init_from", None):
+        load_weights_from(model, args.init_from)
+        warm_start = args.start_step
+        prog = Path(args.init_from) / "progress.json"
+        if warm_start is None and prog.exists():
+            warm_start = int(json.loads(prog.read_text())["step"])
+        warm_start = warm_start or 0
+        print(
+            f"initialised weights from {args.init_from}; fresh optimizer; continuing the lr schedule and data "
+            f"order at step {warm_start} with a {args.rewarmup}-step linear re-warmup",
+            flush=True,
+        )
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"params {n_params / 1e6:.2f}M  train tokens {len(data) / 1e6:.2f}M  val tokens {len(val) / 1e6:.3f}M",
@@ -331,7 +351,7 @@ def train_loop(args, bench_seconds: float | None = None):
         betas=(0.9, 0.95),
         eps=1e-8,
     )
-    step0 = 0
+    step0 = warm_start or 0
     elapsed0 = 0.0
     if getattr(args, "resume", False) and (args.ckpt_dir / "ckpt.pt").exists():
         ck = torch.load(args.ckpt_dir / "ckpt.pt", map_location="cpu", weights_only=False)
@@ -346,13 +366,25 @@ def train_loop(args, bench_seconds: float | None = None):
     total = args.steps
     t_start = time.time()
     last_ckpt = time.time()
+    last_save = time.time()
     ema = None
     usage_acc = None
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else _null()
+
+    def snapshot(steps_done: int):
+        save_hf_snapshot(
+            model, tok, args.out_dir,
+            {"step": steps_done, "tokens_seen": steps_done * args.batch * args.seq, "ce_ema": ema,
+             "elapsed_minutes": (elapsed0 + time.time() - t_start) / 60, "schedule_steps": total,
+             "command": " ".join(["python", "scripts/train_default_model.py"] + sys.argv[1:])},
+        )
+
     pbar = tqdm(range(step0, total), initial=step0, total=total, mininterval=10, file=sys.stdout)
     step = step0
     for step in pbar:
         lr = lr_at(step, total, args.lr, args.warmup)
+        if warm_start is not None and args.rewarmup > 0:  # fresh Adam moments: ramp up again
+            lr *= min(1.0, (step - warm_start + 1) / args.rewarmup)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
         x = batch_at(data, step, args.batch, args.seq, args.seed)
@@ -387,12 +419,20 @@ def train_loop(args, bench_seconds: float | None = None):
         if bench_seconds is None and time.time() - last_ckpt > args.ckpt_minutes * 60:
             save_ckpt(args.ckpt_dir, model, opt, step + 1, {"elapsed": elapsed0 + time.time() - t_start})
             last_ckpt = time.time()
+        if bench_seconds is None and args.save_minutes and time.time() - last_save > args.save_minutes * 60:
+            snapshot(step + 1)
+            last_save = time.time()
         if bench_seconds is None and getattr(args, "stop_step", None) and step + 1 >= args.stop_step:
             save_ckpt(args.ckpt_dir, model, opt, step + 1, {"elapsed": elapsed0 + time.time() - t_start})
+            if args.save_minutes:
+                snapshot(step + 1)
             print(f"\nstopped at step {step + 1} (--stop-step); continue with --resume", flush=True)
             break
         if bench_seconds is None and args.max_minutes and elapsed0 + time.time() - t_start > args.max_minutes * 60:
             print(f"\nmax wall time reached at step {step + 1}; stopping early", flush=True)
+            if args.save_minutes:
+                save_ckpt(args.ckpt_dir, model, opt, step + 1, {"elapsed": elapsed0 + time.time() - t_start})
+                snapshot(step + 1)
             break
     pbar.close()
     cap.remove()
@@ -401,6 +441,54 @@ def train_loop(args, bench_seconds: float | None = None):
     tps = done * args.batch * args.seq / dt
     print(f"{done} steps in {dt:.1f}s: {dt / done:.3f} s/step, {tps:.0f} tokens/s", flush=True)
     return model, tok, data, val, step + 1, elapsed0 + dt, ema
+
+
+def ids_cache(train_file: Path, tok) -> Path:
+    """Token-id cache for a training text file: ``corpus_build/<stem>_ids_<size>_<mtime>_<vocab>.npy``
+    (a rebuilt corpus gets a fresh cache)."""
+    train_file = Path(train_file)
+    st = train_file.stat()
+    return BUILD / f"{train_file.stem}_ids_{st.st_size}_{int(st.st_mtime)}_{len(tok)}.npy"
+
+
+def load_weights_from(model, src: Path):
+    """Copy the weights of a saved HF model dir (any dtype; loaded with the stock Auto class, which
+    converts the on-disk expert layout) into ``model``, which must have the same shape."""
+    from transformers import AutoModelForCausalLM
+
+    src_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    for key in ("num_hidden_layers", "n_routed_experts", "moe_intermediate_size", "n_shared_experts",
+                "hidden_size", "intermediate_size", "vocab_size", "num_experts_per_tok"):
+        a, b = getattr(src_model.config, key), getattr(model.config, key)
+        if a != b:
+            raise SystemExit(f"--init-from {src}: {key} is {a} there but {b} here (pass the same shape flags)")
+    model.load_state_dict(src_model.state_dict(), strict=True)
+    del src_model
+
+
+def save_hf_snapshot(model, tok, out_dir: Path, state: dict):
+    """Atomically write a bf16 HF model dir (config, model.safetensors, tokenizer, progress.json):
+    written to ``<out_dir>.tmp`` and renamed over ``out_dir`` (the previous copy is removed after)."""
+    import copy
+    import shutil
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    old = out_dir.with_name(out_dir.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    m.config.use_cache = True
+    m.config.dtype = torch.bfloat16
+    m.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "progress.json").write_text(json.dumps(state, indent=2) + "\n")
+    del m
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"\nsaved bf16 snapshot at step {state.get('step')} -> {out_dir}", flush=True)
 
 
 class _null:
@@ -420,6 +508,7 @@ def shape_overrides(args) -> dict:
         moe_intermediate_size=args.expert_width,
         n_shared_experts=args.shared,
         intermediate_size=args.dense_width,
+        num_hidden_layers=args.layers,
     )
 
 
@@ -601,6 +690,18 @@ def main(argv=None):
         p.add_argument("--expert-width", type=int, default=64, help="moe_intermediate_size")
         p.add_argument("--shared", type=int, default=1, help="shared experts")
         p.add_argument("--dense-width", type=int, default=768, help="intermediate_size of the dense first layer")
+        p.add_argument("--layers", type=int, default=7, help="num_hidden_layers (the first is dense)")
+        p.add_argument("--tokenizer", type=Path, default=None,
+                       help="tokenizer dir (default: corpus_build/tokenizer if present, else the built-in model's)")
+        p.add_argument("--train-file", type=Path, default=BUILD / "train.txt", help="training text")
+        p.add_argument("--init-from", type=Path, default=None,
+                       help="warm restart: copy weights from this saved HF model dir, fresh optimizer and schedule")
+        p.add_argument("--start-step", type=int, default=None,
+                       help="with --init-from: step to continue the lr schedule / data order at "
+                       "(default: 'step' in the dir's progress.json, else 0)")
+        p.add_argument("--rewarmup", type=int, default=100, help="with --init-from: linear lr re-warmup steps")
+        p.add_argument("--save-minutes", type=float, default=0.0,
+                       help="every N minutes atomically write a bf16 HF model dir to --out-dir (0: only at the end)")
         p.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the checkpoint is saved")
         p.add_argument("--ckpt-dir", type=Path, default=CKPT_DIR, help="resumable training state")
         p.add_argument("--seed", type=int, default=1234)
@@ -620,6 +721,8 @@ def main(argv=None):
     e.add_argument("--model", type=Path, default=OUT_DIR)
     e.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if getattr(args, "tokenizer", "x") is None:
+        args.tokenizer = TOK_DIR if (TOK_DIR / "tokenizer.json").exists() else OUT_DIR
     {"tokenizer": cmd_tokenizer, "train": cmd_train, "bench": cmd_bench, "eval": cmd_eval}[args.cmd](args)
 
 

@@ -199,3 +199,98 @@ def test_split_determinism_and_proportions():
     assert s1 == s2
     total = sum(len(v) for v in s1.values())
     assert total == len(bc.chunk_paragraphs(sources["a"], 500)) + len(bc.chunk_paragraphs(sources["b"], 500))
+
+
+# --------------------------------------------------------------------------
+# dictd databases (GCIDE, Jargon File, Devil's Dictionary) and the OOD split
+# --------------------------------------------------------------------------
+
+
+def _b64(n: int) -> str:
+    digits = ""
+    while True:
+        digits = bc._B64[n % 64] + digits
+        n //= 64
+        if n == 0:
+            return digits
+
+
+def _fake_dictd(entries: list[tuple[list[str], str]]) -> tuple[str, bytes]:
+    """(index text, .dict bytes) for entries given as (headwords sharing the body, body)."""
+    data = b"00-database-info\n  meta text\n"
+    lines = [f"00-database-info\t{_b64(0)}\t{_b64(len(data))}"]
+    for heads, body in entries:
+        raw = body.encode()
+        for h in heads:
+            lines.append(f"{h}\t{_b64(len(data))}\t{_b64(len(raw))}")
+        data += raw
+    return "\n".join(sorted(lines)) + "\n", data
+
+
+def test_dictd_b64_roundtrip():
+    for n in (0, 1, 63, 64, 4095, 4096, 123456789):
+        assert bc.dictd_b64(_b64(n)) == n
+    assert bc.dictd_b64("Bdq") == 1 * 64 * 64 + 29 * 64 + 42
+
+
+def test_read_dictd_order_dedup_and_meta(tmp_path):
+    index, data = _fake_dictd([(["zebra"], "ZEBRA, n. A striped horse.\n"), (["apple", "Apple"], "APPLE, n. A fruit.\n")])
+    entries = bc.read_dictd(index.encode(), data)
+    # file order (not index order), shared bodies once, meta entries skipped
+    assert entries == [("zebra", "ZEBRA, n. A striped horse.\n"), ("Apple", "APPLE, n. A fruit.\n")]
+    # a gzip'ed .dict.dz on disk reads the same way as in read_dictd_source
+    d = tmp_path / "usr/share/dictd"
+    d.mkdir(parents=True)
+    (d / "devil.index").write_text(index)
+    (d / "devil.dict.dz").write_bytes(gzip.compress(data))
+    assert bc.read_dictd_source(tmp_path, "devil") == "ZEBRA, n. A striped horse.\nAPPLE, n. A fruit."
+
+
+def test_gcide_entry_to_text():
+    body = (
+        'Ferment \\Fer*ment"\\, v. t. [imp. & p. p. {Fermented}; p. pr. &\n'
+        "   vb. n. {Fermenting}.] [L. fermentare, fermentatum: cf. F.\n"
+        "   fermenter. See {Ferment}, n.]\n"
+        "   To cause ferment or fermentation in; to set in motion. [R.]\n"
+        "   [1913 Webster]\n"
+        "\n"
+        "         Ye vigorous swains! while youth ferments your blood.\n"
+        "                                                  --Pope.\n"
+        "   [1913 Webster]\n"
+    )
+    assert bc.gcide_entry_to_text(body) == (
+        "Ferment, v. t. To cause ferment or fermentation in; to set in motion.\n"
+        "Ye vigorous swains! while youth ferments your blood. -- Pope."
+    )
+    odd = 'Abiliment \\A*bil"i*ment\\ ([.a]*b[i^]l"[i^]*ment), n.\n   Habiliment. [Obs.]\n   [1913 Webster]\n'
+    assert bc.gcide_entry_to_text(odd) == "Abiliment, n. Habiliment."
+    # nested brackets and tag-only blocks disappear
+    assert bc.gcide_entry_to_text("Syn: zero [a [b] c]\n\n   [WordNet 1.5 +PJC]\n") == "Syn: zero"
+
+
+def test_dictd_entry_to_text():
+    body = (
+        "dead code\n n.\n\n    Routines that can never be\n    accessed (see {software rot}).\n\n"
+        "    A _second_ paragraph.\n"
+    )
+    assert bc.dictd_entry_to_text("dead code", body) == (
+        "dead code n.\nRoutines that can never be accessed (see software rot).\nA second paragraph."
+    )
+
+
+def test_ood_text_whole_paragraphs():
+    text = "\n".join(f"para {i} " + "x" * 20 for i in range(100))
+    out = bc.ood_text(text, max_chars=100)
+    assert out.endswith("\n") and len(out) <= 101
+    paras = out.strip().split("\n")
+    assert paras == text.split("\n")[: len(paras)] and len(paras) == 3
+    assert bc.ood_text("short\npara", 1000) == "short\npara\n"
+
+
+def test_ood_source_is_not_chunked_into_splits():
+    assert bc.OOD_SOURCE == "dictd-devil" and bc.DICTD_PACKAGES["dict-devil"] == "devil"
+    # the v1 sources and split rule are unchanged: their chunk assignment does not depend on new sources
+    a = bc.assign_splits({"sword-KJV": "p\n" * 10}, min_chars=4)
+    b = bc.assign_splits({"sword-KJV": "p\n" * 10, "dictd-gcide": "q\n" * 10}, min_chars=4)
+    for split in a:
+        assert all(c in b[split] for c in a[split])

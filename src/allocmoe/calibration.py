@@ -17,6 +17,7 @@ from . import policies
 from .errors import CalibrationError
 from .patching import apply
 from .adapters import find_moe_layers
+from .models import weights_loaded
 from .plan import Plan
 
 
@@ -28,7 +29,8 @@ def _record(model: nn.Module, plan: Plan, windows: torch.Tensor, batch_size: int
     for layer, rec in zip(handle.layers, recs):
 
         def hook(mod, args, out, layer=layer, rec=rec):
-            s = layer.adapter.scores(mod, args[0])
+            with weights_loaded(mod):  # offloaded (accelerate) routers hold their weights only inside forward
+                s = layer.adapter.scores(mod, args[0])
             vals, ids = policies.sorted_candidates(s.rank, max_k)
             w = s.weight.masked_fill(~torch.isfinite(s.rank), 0.0)
             rec["vals"].append(vals)

@@ -29,6 +29,19 @@ _POLICY_HELP = "; ".join(f"{n}: {p.summary}" + (" (calibrated on text)" if p.cal
                          for n, p in TOKEN_POLICIES.items())
 ModelOpt = typer.Option(None, "--model", "-m", help=MODEL_HELP)
 ForceOpt = typer.Option(False, "--force", help="Overwrite an existing output file.")
+# large models (README "Large models"): accelerate's offload and transformers' tensor / expert parallel
+DeviceMapOpt = typer.Option(None, "--device-map", help="accelerate device map, e.g. auto: spread layers over the "
+                                                       "GPUs, CPU and disk (implied by --max-memory).")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="Memory cap per device, e.g. cpu=8GiB or 0=70GiB,cpu=100GiB "
+                                                       "(a bare size caps the CPU); layers beyond it are offloaded.")
+OffloadDirOpt = typer.Option(None, "--offload-dir", help="Folder for offloaded weights (default: a temporary one).")
+ParallelOpt = typer.Option(None, "--parallel", help="Under torchrun --nproc-per-node N: tp (tensor parallel) or ep "
+                                                    "(expert parallel; N must divide the experts) via transformers' "
+                                                    "DistributedConfig.")
+
+
+def _load_kwargs(device_map=None, max_memory=None, offload_dir=None, parallel=None) -> dict:
+    return {"device_map": device_map, "max_memory": max_memory, "offload_dir": offload_dir, "parallel": parallel}
 
 
 def _out_path(path: Path, force: bool) -> Path:
@@ -36,6 +49,13 @@ def _out_path(path: Path, force: bool) -> Path:
 
     check_can_write(path, force)
     return path
+
+
+def _int_option(value: str, flag: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise AllocMoeError(f"{flag} must be 'auto' or an integer, got {value!r}") from None
 
 
 def _windows(model_tok, data, tokens, seq_len, split="calibration"):
@@ -88,6 +108,10 @@ def profile(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from <out>.partial.json."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     force: bool = ForceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    offload_dir: Optional[Path] = OffloadDirOpt,
+    parallel: Optional[str] = ParallelOpt,
 ):
     """Measure each MoE layer's sensitivity to running fewer experts (Alloc-L profiling)."""
     import time
@@ -95,14 +119,19 @@ def profile(
     from .profiling import profile as run_profile
 
     _out_path(out_path, force or resume)
-    m, tok, path = load_model(model, dtype)
+    from .distributed import init_from_env, is_main, local_device
+
+    # under torchrun the ranks split the calibration batches (data parallel; one replica per GPU if any)
+    device = local_device() if init_from_env() else "cpu"
+    m, tok, path = load_model(model, dtype, device, **_load_kwargs(device_map, max_memory, offload_dir, parallel))
     w, names = _windows(tok, data, tokens, seq_len)
     err.print(f"profiling {path} on {w.numel():,} tokens ({w.shape[0]} windows of {seq_len})")
     t0 = time.perf_counter()
     p = run_profile(m, w, metric=metric, k_min=k_min, k_max=k_max, batch_size=batch_size, renormalize=renormalize,
                     cached=not naive, out=out_path, resume=resume, data_info={"files": names},
                     token_policy=token_policy)
-    err.print(f"wrote {out_path} ({time.perf_counter() - t0:.1f} s, metric={p.metric})")
+    if is_main():
+        err.print(f"wrote {out_path} ({time.perf_counter() - t0:.1f} s, metric={p.metric})")
 
 
 @app.command()
@@ -121,16 +150,25 @@ def allocate(
     data: Optional[List[Path]] = typer.Option(None, "--data", help="Calibration text for calibrated token policies."),
     tokens: int = typer.Option(8192, help="Calibration tokens for calibrated token policies."),
     seq_len: int = typer.Option(256, help="Window length for calibration."),
+    compensate: bool = typer.Option(False, "--compensate", help="Also fit dropped-expert compensation on the "
+                                    "calibration text (needs the model); written beside the plan as "
+                                    "<plan>.compensation.safetensors and referenced from it."),
+    compensation_rank: str = typer.Option("auto", help="Rank of the compensation maps: auto (largest within 10%% "
+                                          "of the expert FLOPs the plan saves) or an integer."),
     force: bool = ForceOpt,
 ):
     """Choose per-layer expert counts that meet a budget, and write a plan."""
     from .methods import get_method
     from .models import load_skeleton
+    from .plan import Plan
     from .planning import allocate as run_allocate
     from .policies import get_policy
     from .profiling import Profile
 
     _out_path(out_path, force)
+    if compensate:  # the maps go beside the plan: never overwrite them silently either
+        _out_path(Plan.compensation_path(out_path), force)
+    rank = compensation_rank if compensation_rank == "auto" else _int_option(compensation_rank, "--compensation-rank")
     meth, pol = get_method(method), get_policy(token_policy)
     if meth.needs_profile and profile_path is None:
         raise AllocMoeError(f"method {method!r} needs --profile (run `allocmoe profile` first), or use --method "
@@ -138,24 +176,26 @@ def allocate(
     prof = Profile.load(profile_path) if profile_path else None
     if prof is not None and metric:
         prof = prof.with_metric(metric)
-    needs_weights = pol.calibrated or meth.needs_model or meth.needs_windows
+    needs_weights = pol.calibrated or meth.needs_model or meth.needs_windows or compensate
     m = tok = windows = None
     if needs_weights:
         m, tok, _ = load_model(model)
     elif prof is None or model is not None:
         m, _ = load_skeleton(model)  # structure only: instant even for huge checkpoints
-    if pol.calibrated or meth.needs_windows:
+    if pol.calibrated or meth.needs_windows or compensate:
         windows, _ = _windows(tok, data, tokens, seq_len)
     tp = {"name": token_policy, "min_k": min_k}
     if max_k is not None:
         tp["max_k"] = max_k
     plan = run_allocate(m if m is not None else prof, budget, method, profile=prof, token_policy=tp,
-                        renormalize=renormalize, seed=seed, windows=windows)
+                        renormalize=renormalize, seed=seed, windows=windows, compensate=compensate,
+                        compensation_rank=rank)
     plan.save(out_path)
     b = plan.budget
     err.print(f"wrote {out_path}: {method} + {token_policy}, k per layer {plan.ks}, "
               f"{b['activations_per_token']} of {b['original_activations_per_token']} activations/token "
-              f"({b['fraction']:.3f})")
+              f"({b['fraction']:.3f})" + (f"; compensation in {Plan.compensation_path(out_path).name}, ranks "
+                                          f"{plan.compensation['ranks']}" if plan.compensation else ""))
 
 
 @app.command("eval")
@@ -171,6 +211,10 @@ def eval_cmd(
     max_examples: Optional[int] = typer.Option(None, min=1, help="Cap on examples per task."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     force: bool = ForceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    offload_dir: Optional[Path] = OffloadDirOpt,
+    parallel: Optional[str] = ParallelOpt,
 ):
     """Perplexity, bits per byte and task accuracy, with a plan applied, and the activations that really ran."""
     from .data import read_texts
@@ -180,16 +224,22 @@ def eval_cmd(
 
     _out_path(out_path, force)
     p = Plan.load(plan) if plan else None
-    m, tok, path = load_model(model, dtype)
+    m, tok, path = load_model(model, dtype, **_load_kwargs(device_map, max_memory, offload_dir, parallel))
     texts, names = read_texts(data, "validation")
     tasks = [load_task(t) for t in (task or shipped_tasks())]
     err.print(f"evaluating {path}" + (f" with plan {plan}" if plan else " (full model)"))
     r = evaluate(m, p, tokenizer=tok, texts=texts, tasks=tasks, seq_len=seq_len, batch_size=batch_size,
                  max_tokens=max_tokens, max_examples=max_examples)
     r = dict(r, model=path, plan=str(plan) if plan else None, data=names, seq_len=seq_len)
-    atomic_write_json(out_path, r)
+    from .distributed import is_main
+
+    if is_main():  # under torchrun every rank evaluates the same text; rank 0 writes
+        atomic_write_json(out_path, r)
     err.print(f"perplexity {r['perplexity']:.3f}, bits/byte {r['bits_per_byte']:.4f}, "
               f"activations/token {r['activations_per_token']:.3f}"
+              + (f" + compensation {r['compensation']['macs_per_token']:,.0f} MACs/token "
+                 f"(= {r['compensation']['expert_pair_equivalents_per_token']:.2f} expert activations)"
+                 if "compensation" in r else "")
               + "".join(f", {n} acc {t['accuracy']:.3f}" for n, t in r["tasks"].items()))
 
 
@@ -210,6 +260,9 @@ def run(
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty output directory."),
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    offload_dir: Optional[Path] = OffloadDirOpt,
 ):
     """The main job: profile, allocate with every method at each budget, evaluate, benchmark, report."""
     from .run import RunSettings, run as run_job
@@ -225,7 +278,8 @@ def run(
                     tasks=[str(t) for t in task] if task else None, data=[str(d) for d in data] if data else None,
                     calibration_data=[str(d) for d in calibration_data] if calibration_data else None,
                     speed=not no_speed)
-    run_job(model, out_dir, s, force=force, dtype=dtype)
+    run_job(model, out_dir, s, force=force, dtype=dtype,
+            load_kwargs=_load_kwargs(device_map, max_memory, offload_dir))
 
 
 @app.command()
@@ -236,6 +290,10 @@ def generate(
     max_new_tokens: int = typer.Option(48, help="Tokens to generate."),
     sample: bool = typer.Option(False, "--sample", help="Sample (temperature 0.8, top-p 0.95) instead of greedy."),
     seed: int = typer.Option(0, help="Seed for sampling."),
+    device_map: Optional[str] = DeviceMapOpt,
+    max_memory: Optional[str] = MaxMemoryOpt,
+    offload_dir: Optional[Path] = OffloadDirOpt,
+    parallel: Optional[str] = ParallelOpt,
 ):
     """Continue a prompt with a plan applied and print the text and the activations it used."""
     import torch
@@ -243,7 +301,7 @@ def generate(
     from .patching import apply
     from .plan import Plan, full_plan
 
-    m, tok, _ = load_model(model)
+    m, tok, _ = load_model(model, **_load_kwargs(device_map, max_memory, offload_dir, parallel))
     if tok is None:
         raise AllocMoeError("the model has no tokenizer")
     p = Plan.load(plan) if plan else full_plan(m)
@@ -255,6 +313,10 @@ def generate(
         outp = m.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=0.8 if sample else None,
                           top_p=0.95 if sample else None, pad_token_id=tok.pad_token_id or tok.eos_token_id)
         c = h.counts()["cumulative"]
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun every rank generates the same text; rank 0 prints it
+        return
     out.print(tok.decode(outp[0], skip_special_tokens=True), highlight=False, markup=False)
     err.print(f"activations/token {c['activations_per_token']:.2f} (measured over {c['tokens']} tokens; "
               f"full model: {sum(p.original_ks)}), per layer "
@@ -402,6 +464,7 @@ FLAG_HINTS = {
     "force": "pass --force to overwrite", "resume": "--resume", "seq_len": "--seq-len", "model": "--model",
     "data": "--data", "dtype": "--dtype", "method": "--method", "budget": "--budget",
     "token_policy": "--token-policy", "max_tokens": "--max-tokens", "tokenizer": "--model", "record": None,
+    "max_memory": "--max-memory", "device_map": "--device-map", "parallel": "--parallel",
     "repeats": "--repeats", "warmup": "--warmup", "threads": "--threads", "decode_batches": "--decode-batches",
     "prefill_len": "--prefill-len", "experts_implementation": "--experts-implementation",
     "sparse_path": "--sparse-path",

@@ -60,7 +60,8 @@ def _score(model, seqs: list[list[int]], spans: list[tuple[int, int]], batch_siz
     The model reads seq[:-1] and predicts seq[1:]. Sequences are batched longest first (less padding);
     the result is in input order.
     """
-    device = next(model.parameters()).device
+    # offloaded weights (accelerate) sit on "meta" until their layer runs; accelerate's hooks move the inputs
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # stable, so deterministic
     out = [0.0] * len(seqs)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -308,10 +309,13 @@ def evaluate(model, plan=None, *, tokenizer, texts: list[str] | str | None = Non
     with apply(model, plan if plan is not None else full_plan(model)) as handle:
         ppl = perplexity(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
                          progress=progress)
-        counts = handle.counts()["cumulative"]
+        all_counts = handle.counts()
+        counts = all_counts["cumulative"]
         res = {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "bits_per_byte": ppl["bits_per_byte"],
                "tokens": ppl["tokens"], "activations_per_token": counts["activations_per_token"],
                "activations_per_token_per_layer": counts["activations_per_token_per_layer"], "tasks": {}}
+        if "compensation" in all_counts:  # measured compensation work beside the expert activations
+            res["compensation"] = all_counts["compensation"]
         for t in tasks:
             r = score_task(model, tokenizer, t, batch_size=task_batch_size, max_examples=max_examples,
                            progress=progress)

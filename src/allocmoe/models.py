@@ -7,13 +7,14 @@ that ships inside the package (found with importlib.resources, so it works from 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, SettingsError
+from .errors import DependencyError, ModelLoadError, SettingsError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -69,15 +70,33 @@ def load_config(spec: str | os.PathLike | None):
         raise _hub_error(path, e) from None
 
 
-def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer, path): eval mode, weights loaded with `AutoModelForCausalLM.from_pretrained`."""
+def load_model(spec: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu", *,
+               device_map: str | dict | None = None, max_memory: str | dict | None = None,
+               offload_dir: str | os.PathLike | None = None, parallel: str | None = None):
+    """(model, tokenizer, path): eval mode, weights loaded with `AutoModelForCausalLM.from_pretrained`.
+
+    Bigger than memory (accelerate's conventions): `device_map="auto"` spreads the layers over the GPUs, the CPU
+    and disk; `max_memory` caps each device ("cpu=2GiB,0=20GiB", a dict, or one size for the CPU) and implies
+    `device_map="auto"`; layers that do not fit are offloaded to `offload_dir` (default: a temporary folder)
+    and streamed in, one at a time, when they run.
+
+    Several devices in one job (under `torchrun --nproc-per-node N`): `parallel="tp"` loads the model with
+    transformers' tensor parallelism (`DistributedConfig(tp_size=N, tp_plan="auto")`), `parallel="ep"` with
+    expert parallelism (`DistributedConfig(ep_size=N, fsdp_size=N)`: each rank holds E/N experts).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = local_path(spec)
     if dtype not in DTYPES:
         raise SettingsError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
+    kwargs = {}
+    if parallel is not None:
+        kwargs = _parallel_kwargs(path, parallel, device_map or max_memory or offload_dir)
+    elif device_map is not None or max_memory is not None or offload_dir is not None:
+        kwargs = _offload_kwargs(path, dtype, device_map, max_memory, offload_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **kwargs)
+        model = (model if kwargs else model.to(device)).eval()
     except Exception as e:
         raise _hub_error(path, e) from None
     try:
@@ -110,3 +129,138 @@ def parameter_counts(model: nn.Module, layers) -> dict:
         routed += n
         active_routed += n * l.top_k / l.num_experts
     return {"total": total, "routed_experts": routed, "active_per_token": int(total - routed + active_routed)}
+
+
+# --------------------------------------------------------------------------------------------------
+# bigger than memory (accelerate) and sharded loading (transformers' DistributedConfig)
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_max_memory(spec: str | dict | None) -> dict | None:
+    """'cpu=2GiB,0=20GiB' -> {'cpu': '2GiB', 0: '20GiB'}; a bare size caps the CPU; a dict passes through."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, size = part.rpartition("=")
+        key = key.strip() if sep else "cpu"
+        try:
+            convert_file_size_to_int(size.strip())
+        except Exception:
+            raise SettingsError(f"max_memory: {size.strip()!r} is not a size like 2GiB or 500MB",
+                                param="max_memory") from None
+        if key.isdigit():
+            key = int(key)
+        elif key not in ("cpu", "mps", "disk") and not key.startswith(("cuda", "xpu", "npu")):
+            raise SettingsError(f"max_memory: unknown device {key!r} (use cpu, a GPU index such as 0, or disk)",
+                                param="max_memory")
+        out[key] = size.strip()
+    if not out:
+        raise SettingsError(f"max_memory {spec!r} names no device (use e.g. cpu=2GiB,0=20GiB)", param="max_memory")
+    return out
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def largest_layer_bytes(path: str, dtype: str) -> tuple[int, str]:
+    """Bytes of the largest decoder layer (what must fit in memory at once when the rest is offloaded)."""
+    from .adapters import decoder_layers
+
+    model, _ = load_skeleton(path)
+    cfg_dtype = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    dt = DTYPES[dtype] if dtype != "auto" else (getattr(torch, str(cfg_dtype).replace("torch.", ""), torch.float32)
+                                               if cfg_dtype else torch.float32)
+    size = torch.empty((), dtype=dt).element_size()
+    best, name = 0, "?"
+    for i, layer in enumerate(decoder_layers(model)):
+        n = sum(p.numel() for p in layer.parameters()) * size
+        if n > best:
+            best, name = n, f"decoder layer {i}"
+    return best, name
+
+
+def _offload_kwargs(path: str, dtype: str, device_map, max_memory, offload_dir) -> dict:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise DependencyError("device_map / max_memory / offload_dir need accelerate (pip install accelerate)",
+                              param="device_map") from None
+    from accelerate.utils import convert_file_size_to_int
+
+    mm = parse_max_memory(max_memory)
+    if mm:
+        need, name = largest_layer_bytes(path, dtype)
+        caps = {k: convert_file_size_to_int(v) for k, v in mm.items() if k != "disk"}
+        if caps and max(caps.values()) < need:
+            raise SettingsError(f"max_memory {max_memory if isinstance(max_memory, str) else mm} is too small to "
+                                f"load even one layer: {name} needs {_fmt_bytes(need)} on one device",
+                                param="max_memory")
+    if offload_dir is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        offload_dir = tempfile.mkdtemp(prefix="allocmoe-offload-")
+        atexit.register(shutil.rmtree, offload_dir, ignore_errors=True)
+    Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    kw = {"device_map": device_map or "auto", "offload_folder": str(offload_dir)}
+    if mm:
+        kw["max_memory"] = mm
+    return kw
+
+
+def num_routed_experts(config) -> int | None:
+    for name in ("n_routed_experts", "num_local_experts", "num_experts"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _parallel_kwargs(path: str, parallel: str, offload) -> dict:
+    from . import distributed
+
+    if parallel not in ("tp", "ep"):
+        raise SettingsError(f"unknown parallel mode {parallel!r} (choose tp or ep)", param="parallel")
+    if offload:
+        raise SettingsError("parallel cannot be combined with device_map / max_memory / offload_dir",
+                            param="parallel")
+    if not distributed.init_from_env():
+        raise SettingsError(f"parallel={parallel!r} needs several processes: launch with "
+                            "torchrun --nproc-per-node N", param="parallel")
+    from transformers.distributed import DistributedConfig
+
+    world = distributed.world_size()
+    config, _ = load_config(path)
+    if parallel == "ep":
+        E = num_routed_experts(config)
+        if E is None or E % world:
+            raise SettingsError(f"expert parallel over {world} ranks needs a rank count that divides the model's "
+                                f"{E} experts", param="parallel")
+        return {"distributed_config": DistributedConfig(ep_size=world, fsdp_size=world)}
+    return {"distributed_config": DistributedConfig(tp_size=world, tp_plan="auto")}
+
+
+@contextmanager
+def weights_loaded(module: nn.Module):
+    """Read `module`'s weights outside its forward (e.g. in a forward hook) when accelerate offloads them: its
+    hook loads them before and puts them back after, as around a forward call. A no-op for other modules."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        yield module
+        return
+    hook.pre_forward(module)
+    try:
+        yield module
+    finally:
+        hook.post_forward(module, None)

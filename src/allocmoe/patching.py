@@ -66,8 +66,10 @@ class AppliedPlan:
     """
 
     def __init__(self, model: nn.Module, plan: Plan, layers: list[MoELayer], record: bool = False,
-                 count_experts: bool = True, sparse_path: str | None = None):
+                 count_experts: bool = True, sparse_path: str | None = None, compensation=None):
         self.model, self.plan, self.layers = model, plan, layers
+        self.compensation = compensation  # fitted dropped-expert compensation (compensation.py), or None
+        self._comp_handle = None
         self.record = record  # keep each layer's last selected index [T, M] (tests, analysis)
         self.count_experts = count_experts  # per-expert load (cheap, but off for benchmarks)
         self.sparse_path = sparse_path or experts_fast.default_sparse_path()
@@ -84,18 +86,22 @@ class AppliedPlan:
         ]
         self._hooks: list = []
         self._saved: list[tuple[nn.Module, str, object]] = []
+        self._reducer = None  # distributed.CountReducer on a sharded model under torchrun
         self.active = False
 
     # --- install / remove ---------------------------------------------------------------------
     def _override(self, module: nn.Module, fn) -> None:
-        # remember an instance-level forward if one was already there (e.g. another tool's patch)
-        self._saved.append((module, "forward", module.__dict__.get("forward", None)))
-        module.forward = types.MethodType(fn, module)
+        # remember an instance-level forward if one was already there (e.g. another tool's patch); under
+        # accelerate's hooks (device_map / offload) the inner `_old_forward` is replaced so the hook still runs
+        slot = _forward_slot(module)
+        self._saved.append((module, slot, module.__dict__.get(slot, None)))
+        setattr(module, slot, types.MethodType(fn, module))
 
     def install(self) -> "AppliedPlan":
         for st in self._states:
             self._override(st.layer.router, _make_router_forward(self, st))
-            self._override(st.layer.experts, _make_experts_forward(self, st, st.layer.experts.forward))
+            stock = getattr(st.layer.experts, _forward_slot(st.layer.experts))
+            self._override(st.layer.experts, _make_experts_forward(self, st, stock))
         entry_points = {id(self.model): self.model}
         base = getattr(self.model, "base_model", None)
         if isinstance(base, nn.Module):
@@ -103,6 +109,10 @@ class AppliedPlan:
         for m in entry_points.values():
             self._hooks.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self._hooks.append(m.register_forward_hook(self._post_hook, always_call=True))
+        if self.compensation is not None:
+            from .compensation import install
+
+            self._comp_handle = install(self.model, self.compensation)
         setattr(self.model, _HANDLE_ATTR, self)
         # sharded model under torchrun: counts become global after every call (see distributed.py)
         self._reducer = distributed.CountReducer.for_model(self.model, self._states)
@@ -114,6 +124,9 @@ class AppliedPlan:
             return
         for h in self._hooks:
             h.remove()
+        if self._comp_handle is not None:
+            self._comp_handle.remove()
+            self._comp_handle = None
         for module, name, old in reversed(self._saved):
             if old is None:
                 module.__dict__.pop(name, None)
@@ -143,7 +156,7 @@ class AppliedPlan:
         self.ctx.depth = max(0, self.ctx.depth - 1)
         if self.ctx.depth == 0:
             self.ctx.valid = None
-            if getattr(self, "_reducer", None) is not None:
+            if self._reducer is not None:
                 self._reducer.after_call()
 
     # --- per-layer access (profiling, lexi, calibration, tests) ---------------------------------
@@ -180,10 +193,12 @@ class AppliedPlan:
 
     # --- counts -------------------------------------------------------------------------------
     def reset_counts(self) -> None:
+        if self._comp_handle is not None:
+            self._comp_handle.reset_counts()
         for st in self._states:
             st.pairs_last = st.tokens_last = st.pairs_total = st.tokens_total = 0
             st.expert_counts = None
-        if getattr(self, "_reducer", None) is not None:
+        if self._reducer is not None:
             self._reducer.reset()
 
     def counts(self) -> dict:
@@ -197,11 +212,22 @@ class AppliedPlan:
                 "activations_per_token": (sum(pairs) / n) if n else 0.0,
             }
 
-        return {
+        out = {
             "last": summary([s.pairs_last for s in self._states], [s.tokens_last for s in self._states]),
             "cumulative": summary([s.pairs_total for s in self._states], [s.tokens_total for s in self._states]),
             "original_activations_per_token": sum(l.top_k for l in self.layers),
         }
+        if self._comp_handle is not None:
+            # compensation work actually executed, beside the expert activations (1 MAC = 2 FLOPs)
+            f = self._comp_handle.flops()
+            out["compensation"] = {
+                "macs_per_token": f["macs_per_token"], "flops_per_token": f["flops_per_token"],
+                "macs_per_token_per_layer": f["macs_per_token_per_layer"], "tokens": f["tokens"],
+                # the same work in units of one (token, expert) pair of each layer
+                "expert_pair_equivalents_per_token": sum(
+                    m / p for m, p in zip(f["macs_per_token_per_layer"], f["expert_macs_per_pair"]) if p),
+            }
+        return out
 
     def expert_load(self) -> list[list[int]]:
         """Cumulative pairs per (layer, expert)."""
@@ -209,6 +235,12 @@ class AppliedPlan:
             (st.expert_counts.tolist() if st.expert_counts is not None else [0] * st.layer.num_experts)
             for st in self._states
         ]
+
+
+def _forward_slot(module: nn.Module) -> str:
+    """The attribute holding the forward to override: accelerate's hook wraps `_old_forward` in `forward`
+    (loading offloaded weights before the call), so under it the inner one is replaced."""
+    return "_old_forward" if "_old_forward" in module.__dict__ and hasattr(module, "_hf_hook") else "forward"
 
 
 def _real_token_mask(args, kwargs) -> torch.Tensor | None:
@@ -330,21 +362,23 @@ def _make_experts_forward(handle: AppliedPlan, st: _LayerState, stock_forward):
 
 
 def apply(model: nn.Module, plan, *, record: bool = False, count_experts: bool = True,
-          sparse_path: str | None = None) -> AppliedPlan:
+          sparse_path: str | None = None, compensation=None) -> AppliedPlan:
     """Patch `model`'s routing in place according to `plan` (a Plan, dict or path to plan JSON).
 
     Returns a handle; use it as a context manager or call `.remove()` to restore the original model.
     `record` keeps each layer's last selection (`handle.last_selection(l)`); `count_experts` keeps the
     per-expert load (`handle.expert_load()`); `sparse_path` picks the kernel for calls with dropped
-    slots (see experts_fast; default: $ALLOCMOE_SPARSE_EXPERTS or "follow").
+    slots (see experts_fast; default: $ALLOCMOE_SPARSE_EXPERTS or "follow"). Dropped-expert compensation
+    comes from the plan (its referenced file, checked against its sha256) unless `compensation` is given.
     """
     plan = Plan.load(plan)
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise PlanError("a plan is already applied to this model; remove it first (handle.remove())")
     layers = find_moe_layers(model)
     plan.check_model(layers, model)
-    return AppliedPlan(model, plan, layers, record=record, count_experts=count_experts,
-                       sparse_path=sparse_path).install()
+    comp = compensation if compensation is not None else plan.load_compensation(model)
+    return AppliedPlan(model, plan, layers, record=record, count_experts=count_experts, sparse_path=sparse_path,
+                       compensation=comp).install()
 
 
 def applied_plan(model: nn.Module) -> AppliedPlan | None:

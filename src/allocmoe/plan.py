@@ -98,6 +98,12 @@ class Plan:
     budget: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     version: int = PLAN_VERSION
+    # optional dropped-expert compensation (issue: compensation.py): `compensation` is the JSON reference
+    # {"file", "sha256", ...summary}; `compensation_maps` the fitted object (in memory, not serialised);
+    # `source_dir` the folder of the plan file it was loaded from (a relative "file" is looked up there)
+    compensation: dict | None = None
+    compensation_maps: Any = field(default=None, repr=False, compare=False)
+    source_dir: Path | None = field(default=None, repr=False, compare=False)
 
     # --- derived ---------------------------------------------------------------------------
     @property
@@ -133,10 +139,36 @@ class Plan:
             "layers": self.layers,
             "model": self.model,
             "meta": self.meta,
+            **({"compensation": self.compensation} if self.compensation else {}),
         }
 
+    @staticmethod
+    def compensation_path(path: str | os.PathLike) -> Path:
+        """Where `save(path)` writes the compensation maps: beside the plan, `<stem>.compensation.safetensors`."""
+        path = Path(path)
+        return path.with_name(path.stem + ".compensation.safetensors")
+
     def save(self, path: str | os.PathLike) -> None:
+        """Write the plan JSON (atomically); with fitted compensation maps, first the safetensors file beside
+        it, referenced from the JSON by file name and sha256."""
+        if self.compensation_maps is not None:
+            cpath = self.compensation_path(path)
+            sha = self.compensation_maps.save(cpath)
+            self.compensation = {**(self.compensation or {}), "file": cpath.name, "sha256": sha}
+            self.source_dir = cpath.parent
         atomic_write_json(path, self.to_dict())
+
+    def load_compensation(self, model: nn.Module | None = None):
+        """The compensation maps (None when the plan has none); loads and checks the referenced file."""
+        if self.compensation_maps is not None or not self.compensation:
+            return self.compensation_maps
+        from .compensation import Compensation
+
+        f = Path(self.compensation["file"])
+        if not f.is_absolute():
+            f = (self.source_dir or Path.cwd()) / f
+        self.compensation_maps = Compensation.load(f, expected_sha256=self.compensation["sha256"], model=model)
+        return self.compensation_maps
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "plan") -> "Plan":
@@ -157,9 +189,14 @@ class Plan:
         tp = d["token_policy"]
         if not isinstance(tp, dict) or "name" not in tp:
             raise PlanError(f"{source}: 'token_policy' must be an object with a 'name'")
+        comp = d.get("compensation")
+        if comp is not None and not (isinstance(comp, dict) and isinstance(comp.get("file"), str)
+                                     and isinstance(comp.get("sha256"), str)):
+            raise PlanError(f"{source}: 'compensation' must be an object with a 'file' and its 'sha256'")
         plan = cls(layers=copy.deepcopy(d["layers"]), model=dict(d["model"]), token_policy=dict(tp),
                    renormalize=d.get("renormalize", "native"), method=d.get("method", "manual"),
-                   budget=dict(d.get("budget") or {}), meta=dict(d.get("meta") or {}), version=d["version"])
+                   budget=dict(d.get("budget") or {}), meta=dict(d.get("meta") or {}), version=d["version"],
+                   compensation=dict(comp) if comp else None)
         plan.validate()
         return plan
 
@@ -175,7 +212,9 @@ class Plan:
             data = load_json(path, "plan file")
         except FileFormatError as e:
             raise PlanError(str(e)) from None
-        return cls.from_dict(data, source=f"plan {path}")
+        plan = cls.from_dict(data, source=f"plan {path}")
+        plan.source_dir = path.resolve().parent
+        return plan
 
     # --- validation ---------------------------------------------------------------------------
     def validate(self) -> None:

@@ -49,10 +49,13 @@ def allocate(source, budget=None, method: str = "dp", *, model: nn.Module | None
              token_policy: str | dict = "fixed", renormalize: str = "native", seed: int = 0,
              tokenizer=None, texts: list[str] | None = None, windows: torch.Tensor | None = None,
              profile: "Profile | str | os.PathLike | dict | None" = None, calibration_tokens: int = 16384,
-             seq_len: int = 256, k_min: int = 1, progress: bool = True) -> Plan:
+             seq_len: int = 256, k_min: int = 1, progress: bool = True, compensate: bool = False,
+             compensation_rank: int | str = "auto") -> Plan:
     """A plan meeting `budget` (a fraction like 0.5, or an integer number of activations per token).
 
     `source` is the model (preferred) or a profile (Profile, dict or path; enough for dp/greedy).
+    `compensate=True` also fits dropped-expert compensation on the calibration text (compensation.py):
+    the plan then carries the maps, and `plan.save(path)` writes them beside the plan JSON.
     """
     if budget is None:
         raise SettingsError("pass a budget: a fraction like 0.5 or an integer number of activations per token",
@@ -64,10 +67,11 @@ def allocate(source, budget=None, method: str = "dp", *, model: nn.Module | None
     else:
         profile = source if profile is None else profile
     prof = Profile.load(profile) if profile is not None else None
-    needs_text = (meth.needs_profile and prof is None) or pol.calibrated or meth.needs_windows
+    needs_text = (meth.needs_profile and prof is None) or pol.calibrated or meth.needs_windows or compensate
     if model is None and (meth.needs_model or needs_text):
-        what = "profiling" if meth.needs_profile else f"method {method!r}" if meth.needs_model or meth.needs_windows \
-            else f"token policy {pol.name!r}"
+        what = ("profiling" if meth.needs_profile and prof is None
+                else f"method {method!r}" if meth.needs_model or meth.needs_windows
+                else f"token policy {pol.name!r}" if pol.calibrated else "compensation")
         raise SettingsError(f"{what} needs the model: call allocate(model, ...)", param="model")
     if needs_text:
         windows = calibration_windows(model, tokenizer, texts, windows, calibration_tokens, seq_len,
@@ -107,5 +111,11 @@ def allocate(source, budget=None, method: str = "dp", *, model: nn.Module | None
         from .calibration import calibrate
 
         plan = calibrate(model, plan, windows, progress=progress)
+    if compensate:
+        from .compensation import fit_best
+
+        comp = fit_best(model, plan, windows, rank=compensation_rank, ridges=(1e-2, 1e-1), progress=progress)
+        plan.compensation_maps = comp
+        plan.compensation = comp.summary()
     plan.meta["created_with"] = f"allocmoe {__version__}"
     return plan

@@ -16,6 +16,12 @@ activations, its cached decoder outputs (num_decoder_layers x batch x seq x hidd
 log-probs (batch x seq x vocab). After every batch the float64 accumulators are written atomically
 to `<out>.partial.json`; `resume=True` continues from there and, because the accumulation order is
 the same, yields a byte-identical profile.
+
+Data parallel. Under `torchrun` (torch.distributed initialised) rank r of N computes batches start+r,
+start+r+N, ...; after each round the per-batch float64 rows of all ranks are gathered and added in batch
+order, so the profile is the single-process one, byte for byte; rank 0 writes the partial and final files.
+Sharded models: the ranks of a tensor-parallel group share batches; under expert parallel every rank runs
+every batch (each forward is a collective). See distributed.py.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapters import decoder_layers, find_moe_layers
 from .patching import apply
 from .data import fingerprint_tokens
@@ -139,13 +146,19 @@ class _Cache:
 
     def replay_before(self, d: int):
         """Make decoder layers 0..d-1 return their cached outputs instead of computing."""
+        # an instance forward already there (accelerate's offload hook, a sharding wrapper) is put back after
+        self._saved = [self.decoder[i].__dict__.get("forward") for i in range(d)]
         for i in range(d):
             out = self.outputs[i]
             self.decoder[i].forward = types.MethodType(lambda self, *a, _o=out, **k: _o, self.decoder[i])
 
     def restore(self, d: int):
         for i in range(d):
-            self.decoder[i].__dict__.pop("forward", None)
+            old = self._saved[i] if i < len(getattr(self, "_saved", [])) else None
+            if old is None:
+                self.decoder[i].__dict__.pop("forward", None)
+            else:
+                self.decoder[i].__dict__["forward"] = old
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,46 +228,60 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
 
         knobs = layer_knobs(model, windows, k_values, token_policy, batch_size=batch_size, progress=progress)
         settings["knobs"] = knobs
-    bar = tqdm(total=(n_batches - start) * len(todo), disable=not progress, desc="profiling", unit="cand",
-               dynamic_ncols=True)
+    # data parallel under torchrun: rank r computes batches start+r, start+r+N, ...; every round's per-batch
+    # rows are gathered and added in batch order, as one process would (see distributed.py)
+    dp_rank, dp_size, reps = distributed.data_parallel(model)
+    main = distributed.is_main()
+    bar = tqdm(total=len(range(start + dp_rank, n_batches, dp_size)) * len(todo), disable=not progress or not main,
+               desc="profiling", unit="cand", dynamic_ncols=True)
+    # inputs go where the model's first materialised weights are (accelerate's hooks move them on from there)
+    dev = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     cache = _Cache(decoder)
     handle = apply(model, full_plan(model))
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            for b in range(start, n_batches):
-                x = windows[b * batch_size:(b + 1) * batch_size]
-                targets = x[:, 1:]
-                hooks = cache.capture() if cached else []
-                try:
-                    ref = model(x, use_cache=False).logits
-                finally:
-                    for h in hooks:
-                        h.remove()
-                ref_logp = F.log_softmax(ref[:, :-1].float(), dim=-1)
-                ref_nll = -ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                ref_p = ref_logp.exp()
-                ref_plogp = (ref_p * ref_logp).sum(-1)
-                del ref, ref_logp
-                for l, j in todo:
-                    d = dec_idx[l] if cached else 0
-                    cache.replay_before(d)
+            for b0 in range(start, n_batches, dp_size):
+                b = b0 + dp_rank
+                row = torch.zeros(2 * L * nk + 1, dtype=torch.float64)  # this rank's batch: loss, kl, tokens
+                if b < n_batches:
+                    x = windows[b * batch_size:(b + 1) * batch_size].to(dev)
+                    targets = x[:, 1:]
+                    hooks = cache.capture() if cached else []
                     try:
-                        with handle.override_layer(l, k=k_values[j], renormalize=renormalize,
-                                                   token_policy=None if pol.exact else token_policy,
-                                                   params={pol.param: knobs[l][j]} if knobs else None):
-                            logits = model(x, use_cache=False).logits
+                        ref = model(x, use_cache=False).logits
                     finally:
-                        cache.restore(d)
-                    dl, dk = _batch_metrics(logits, ref_p, ref_plogp, ref_nll, targets)
-                    acc["loss"][l][j] += dl
-                    acc["kl"][l][j] += dk
-                    bar.update(1)
-                tokens += targets.numel()
-                cache.outputs = [None] * len(decoder)
-                if partial is not None:
-                    atomic_write_json(partial, {"run": run_key, "batches_done": b + 1, "tokens": tokens,
-                                                "acc": acc})
+                        for h in hooks:
+                            h.remove()
+                    ref_logp = F.log_softmax(ref[:, :-1].float(), dim=-1)
+                    ref_nll = -ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                    ref_p = ref_logp.exp()
+                    ref_plogp = (ref_p * ref_logp).sum(-1)
+                    del ref, ref_logp
+                    for l, j in todo:
+                        d = dec_idx[l] if cached else 0
+                        cache.replay_before(d)
+                        try:
+                            with handle.override_layer(l, k=k_values[j], renormalize=renormalize,
+                                                       token_policy=None if pol.exact else token_policy,
+                                                       params={pol.param: knobs[l][j]} if knobs else None):
+                                logits = model(x, use_cache=False).logits
+                        finally:
+                            cache.restore(d)
+                        dl, dk = _batch_metrics(logits, ref_p, ref_plogp, ref_nll, targets)
+                        row[l * nk + j], row[(L + l) * nk + j] = dl, dk
+                        bar.update(1)
+                    row[-1] = targets.numel()
+                    cache.outputs = [None] * len(decoder)
+                for i, r in enumerate(distributed.gather_rows(row, reps)):
+                    if b0 + i < n_batches:
+                        for l, j in todo:
+                            acc["loss"][l][j] += float(r[l * nk + j])
+                            acc["kl"][l][j] += float(r[(L + l) * nk + j])
+                        tokens += int(r[-1])
+                if partial is not None and main:
+                    atomic_write_json(partial, {"run": run_key, "batches_done": min(b0 + dp_size, n_batches),
+                                                "tokens": tokens, "acc": acc})
     finally:
         handle.remove()
         bar.close()
@@ -262,8 +289,9 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
     mats = {m: [[v / tokens for v in row] for row in acc[m]] for m in METRICS}
     prof = Profile(k_values, mats[metric], metric, tokens, fp, data, mats, settings)
     prof.elapsed_s = elapsed  # not serialised: the profile file is deterministic
-    if out is not None:
+    if out is not None and main:
         prof.save(out)
         if partial is not None and partial.exists():
             partial.unlink()
+    distributed.barrier()
     return prof

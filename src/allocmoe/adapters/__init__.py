@@ -11,6 +11,7 @@ import re
 
 from torch import nn
 
+from ..distributed import global_num_experts
 from ..errors import NoMoELayersError, UnsupportedModelError
 from .base import FamilyAdapter, MoELayer, RouterScores
 from .families import ADAPTERS, REFUSED
@@ -88,7 +89,8 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
                 f"MoE block {name} uses router {type(router).__name__}, which allocmoe does not support "
                 f"(supported families: {supported})"
             )
-        num_experts = int(getattr(experts, "num_experts", getattr(router, "num_experts", 0)))
+        # the global count: under expert parallel the experts module holds only this rank's experts
+        num_experts = global_num_experts(experts, router)
         m = re.match(rf"{re.escape(prefix)}(\d+)\.", name + ".") if prefix else None
         n_shared, shared_inter = _shared(mod, model)
         layers.append(
