@@ -51,11 +51,15 @@ def test_a_registered_policy_is_usable_everywhere(top1plus, tmp_path):
 
 
 def test_main_job_configs_follow_the_registries(monkeypatch):
-    labels = [label for label, _, _ in run_configs()]
-    assert labels == ["uniform", "random", "greedy", "lexi", "Alloc-L (dp)", "Alloc-L + Alloc-T (dp+global)",
-                      "Alloc-L + threshold (dp+threshold)", "top-p", "naee"]
+    base = [c.label for c in run_configs(ablation=False) if not c.compensate]
+    assert base == ["uniform", "random", "greedy", "lexi", "Alloc-L (dp)", "Alloc-L + Alloc-T (dp+global)",
+                    "Alloc-L + threshold (dp+threshold)", "top-p", "naee"]
     monkeypatch.setattr(policies.TOKEN_POLICIES["naee"], "run_with", None)
-    assert "naee" not in [label for label, _, _ in run_configs()]
+    assert "naee" not in [c.label for c in run_configs()]
+    # the ablation: every lever alone and combined, only at one budget
+    abl = [c for c in run_configs() if c.ablation]
+    assert {c.method for c in abl} == {"uniform", "dp", "search"} and any(c.profile_policy == "global" for c in abl)
+    assert not any(c.ablation for c in run_configs(ablation=False))
 
 
 def test_one_call_allocate_profiles_only_when_needed(monkeypatch):

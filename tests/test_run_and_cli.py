@@ -51,7 +51,13 @@ def test_run_writes_well_formed_report(setup):
             assert c["ood"]["activations_per_token"] == sum(c["ks"])
     md = (out / "report.md").read_text()
     assert "## Budget 0.5 of the original" in md and "Alloc-L (dp)" in md and "OOD Δppl" in md
-    assert len(list((out / "plans").glob("*.json"))) == 2 * 9
+    # 10 configurations at each budget (9 from the registries + dp+global+comp) and 5 ablation ones at 0.5
+    assert len(list((out / "plans").glob("*.json"))) == 2 * 10 + 5
+    assert len(list((out / "plans").glob("*.compensation.safetensors"))) == 2 + 2
+    comp = [c for c in r["configs"] if c.get("compensated")]
+    assert len(comp) == 4 and all(c["compensation"]["macs_per_token"] > 0 for c in comp)
+    assert "## Ablation at budget 0.5" in md and "search + Alloc-T + comp" in md
+    assert (out / "profile_global.json").exists()
     assert res["configs"] == r["configs"]
     # refuses to write into a non-empty directory without --force
     from allocmoe.errors import OutputExistsError

@@ -46,6 +46,15 @@ def test_search_never_worse_than_its_start_exact_budget_and_seeded(model, window
     assert fit([4, 4, 4, 4], 16) == pytest.approx(0.0, abs=1e-9) and fit([1, 1, 1, 1], 16) > fit([2, 2, 2, 2], 16) > 0
 
 
+def test_search_terminates_with_few_neighbours(model, windows):
+    """Two layers at [2, 2] with k in 1..4 have only a handful of distinct mutations: no endless retrying."""
+    m2 = tiny_model("qwen3_moe", num_layers=2)
+    fit = PlanFitness(m2, windows[:4], {"name": "fixed"})
+    ks, hist = search_allocation(fit, [2, 2], [1, 2, 3, 4], generations=3, low_windows=2, high_windows=4,
+                                 progress=False)
+    assert sum(ks) == 4 and hist["evaluations"] <= 3 * 8 * 2 + 1
+
+
 def test_search_method_through_allocate(model, windows):
     prof = allocmoe.profile(model, windows, progress=False)
     plan = allocmoe.allocate(model, budget=0.5, method="search", windows=windows, profile=prof, progress=False)

@@ -114,7 +114,7 @@ def allocate(source, budget=None, method: str = "dp", *, model: nn.Module | None
     if compensate:
         from .compensation import fit_best
 
-        comp = fit_best(model, plan, windows, rank=compensation_rank, ridges=(1e-2, 1e-1), progress=progress)
+        comp = fit_best(model, plan, windows, rank=compensation_rank, ridge=0.1, progress=progress)
         plan.compensation_maps = comp
         plan.compensation = comp.summary()
     plan.meta["created_with"] = f"allocmoe {__version__}"

@@ -104,6 +104,56 @@ def _flagged_speeds(results: dict) -> list[str]:
     return out
 
 
+def _comp_cell(r: dict) -> str:
+    """Compensation work measured on the validation pass, in expert-activation equivalents ("-" if none)."""
+    c = r.get("compensation")
+    return "-" if not c else f"+{c['expert_pair_equivalents_per_token']:.2f}"
+
+
+def _recovered(ppl: float, uniform: float, full: float) -> str:
+    return f"{100 * (uniform - ppl) / (uniform - full):.0f}%" if uniform > full else "-"
+
+
+# which levers a configuration of the main job uses (derived from how its plan was made)
+def _levers(r: dict) -> dict:
+    return {"Alloc-L": r["method"] in ("dp", "greedy", "search"), "Alloc-T": r["policy"] == "global",
+            "comp": bool(r.get("compensated")), "search": r["method"] == "search",
+            "policy-aware": r.get("profile_policy", "fixed") != "fixed"}
+
+
+def ablation_table(results: dict) -> list[str]:
+    """Each lever alone and combined at the ablation budget, with the share of uniform's loss recovered."""
+    b = results["settings"].get("ablation_budget")
+    full = next(r for r in results["configs"] if r["method"] == "full")
+    rows = [r for r in results["configs"] if r.get("budget") == b and r["policy"] in ("fixed", "global")
+            and r["method"] in ("uniform", "dp", "search")]
+    uni = next((r for r in rows if r["method"] == "uniform" and r["policy"] == "fixed"
+                and not r.get("compensated")), None)
+    if b is None or uni is None or len(rows) < 3:
+        return []
+    has_ood = "ood" in full and "ood" in uni
+    names = ("Alloc-L", "Alloc-T", "comp", "search", "policy-aware")
+    head = ("| configuration | " + " | ".join(names) + " | act/tok | comp (act. equiv.) | val ppl | recovered |"
+            + " OOD ppl | OOD recovered |" * has_ood)
+    lines = [f"## Ablation at budget {b}: each lever alone and combined", "",
+             "`recovered` is the share of the perplexity uniform top-k loses (vs the full model) that the "
+             "configuration wins back, at equal measured activations; `comp` is the compensation's measured "
+             "work in units of expert activations of the same layer.", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    rows.sort(key=lambda r: (sum(_levers(r).values()), r["perplexity"]))
+    for r in rows:
+        lv = _levers(r)
+        row = (f"| {r['label']} | " + " | ".join("x" if lv[n] else "" for n in names)
+               + f" | {_fmt(r['activations_per_token'], 2)} | {_comp_cell(r)} | {_fmt(r['perplexity'])} | "
+               f"{_recovered(r['perplexity'], uni['perplexity'], full['perplexity'])} |")
+        if has_ood:
+            o = (r.get("ood") or {}).get("perplexity")
+            row += (f" {_fmt(o)} | {_recovered(o, uni['ood']['perplexity'], full['ood']['perplexity'])} |"
+                    if o else " - | - |")
+        lines.append(row)
+    return lines + [""]
+
+
 def markdown_report(results: dict) -> str:
     m, s = results["model"], results["settings"]
     full = next(r for r in results["configs"] if r["method"] == "full")
@@ -133,7 +183,7 @@ def markdown_report(results: dict) -> str:
         has_ood = "ood" in full
         head = "| rank | method | act/tok | val ppl | Δppl | bits/byte |" + " OOD ppl | OOD Δppl |" * has_ood
         head += "".join(f" {t} acc |" for t in task_names)
-        head += " prefill x (limit) | decode x (limit) | per-layer k |"
+        head += " comp (act. equiv.) | prefill x (limit) | decode x (limit) | per-layer k |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for i, r in enumerate(rows, 1):
             sp = r.get("speed") or {}
@@ -144,9 +194,10 @@ def markdown_report(results: dict) -> str:
                 row += (f" {_fmt(o.get('perplexity'))} | "
                         f"{100 * (o['perplexity'] / full['ood']['perplexity'] - 1):+.1f}% |" if o else " - | - |")
             row += "".join(f" {_fmt(r['tasks'][t]['accuracy'])} |" for t in task_names)
-            row += f" {_speed_cell(sp, 'prefill')} | {_speed_cell(sp, 'decode')} | {r['ks']} |"
+            row += f" {_comp_cell(r)} | {_speed_cell(sp, 'prefill')} | {_speed_cell(sp, 'decode')} | {r['ks']} |"
             lines.append(row)
         lines.append("")
+    lines += ablation_table(results)
     if results.get("speed_note"):
         lines += ["## Speed", "", results["speed_note"], ""]
         flagged = _flagged_speeds(results)

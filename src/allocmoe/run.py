@@ -32,29 +32,62 @@ from .report import sensitivity_heatmap, write_report
 
 console = Console(stderr=True)
 
-def run_configs() -> list[tuple[str, str, str]]:
-    """(label, allocation method, token policy) of every configuration the main job compares, derived from
-    the registries: each method with `in_run` under the fixed policy, then each token policy with `run_with`
-    on that method. A policy on a baseline method is named by the policy ("top-p"); on Alloc-L by both
-    ("Alloc-L + Alloc-T (dp+global)")."""
-    configs = [(m.label, name, "fixed") for name, m in METHODS.items() if m.in_run]
+@dataclass(frozen=True)
+class RunConfig:
+    """One configuration of the main job: how its plan is made."""
+
+    label: str
+    method: str
+    policy: str
+    compensate: bool = False  # fit dropped-expert compensation on the calibration text
+    profile_policy: str = "fixed"  # the profile dp/greedy/search read: fixed-policy or policy-aware
+    ablation: bool = False  # made only at the ablation budget (the one nearest 0.5)
+
+
+def run_configs(ablation: bool = True) -> list[RunConfig]:
+    """Every configuration the main job compares. From the registries: each method with `in_run` under the
+    fixed policy, then each token policy with `run_with` on that method (a policy on a baseline method is
+    named by the policy, "top-p"; on Alloc-L by both, "Alloc-L + Alloc-T (dp+global)"). Then the best
+    combination with compensation at every budget, and the ablation at the budget nearest 0.5: each lever
+    (Alloc-L, Alloc-T, compensation, end-to-end search, policy-aware profiling) alone and combined."""
+    configs = [RunConfig(m.label, name, "fixed") for name, m in METHODS.items() if m.in_run]
     for pname, pol in TOKEN_POLICIES.items():
         if pol.run_with is None:
             continue
         meth = METHODS[pol.run_with]
         if meth.needs_profile:
-            configs.append((f"{meth.label.split(' (')[0]} + {pol.label} ({meth.name}+{pname})", meth.name, pname))
+            configs.append(RunConfig(f"{meth.label.split(' (')[0]} + {pol.label} ({meth.name}+{pname})",
+                                     meth.name, pname))
         else:
-            configs.append((pname, meth.name, pname))
+            configs.append(RunConfig(pname, meth.name, pname))
+    configs.append(RunConfig(COMPENSATED, "dp", "global", compensate=True))
+    if ablation:
+        configs += [
+            RunConfig("compensation alone (uniform+comp)", "uniform", "fixed", compensate=True, ablation=True),
+            RunConfig("Alloc-T alone (uniform+global)", "uniform", "global", ablation=True),
+            RunConfig("policy-aware Alloc-L + Alloc-T (dp-pa+global)", "dp", "global", profile_policy="global",
+                      ablation=True),
+            RunConfig("search + Alloc-T (search+global)", "search", "global", ablation=True),
+            RunConfig("search + Alloc-T + comp (search+global+comp)", "search", "global", compensate=True,
+                      ablation=True),
+        ]
     return configs
+
+
+COMPENSATED = "Alloc-L + Alloc-T + comp (dp+global+comp)"
 
 
 def plan_file_stem(label: str, budget: float) -> str:
     return f"{budget}_{label.split(' (')[-1].rstrip(')').replace('+', '_').replace(' ', '_')}"
 
 
+def ablation_budget(budgets: list[float]) -> float:
+    return sorted(budgets, key=lambda b: abs(b - 0.5))[0]
+
+
 # the configurations whose speed the main job measures
-SPEED_LABELS = ("uniform", "Alloc-L (dp)", "Alloc-L + Alloc-T (dp+global)", "Alloc-L + threshold (dp+threshold)")
+SPEED_LABELS = ("uniform", "Alloc-L (dp)", "Alloc-L + Alloc-T (dp+global)", "Alloc-L + threshold (dp+threshold)",
+                COMPENSATED)
 
 
 @dataclass
@@ -76,6 +109,8 @@ class RunSettings:
     ood_data: list[str] | None = None
     ood_tokens: int = 8192
     speed: bool = True
+    ablation: bool = True  # the lever-by-lever table at the budget nearest 0.5 (adds a policy-aware profile
+    #                        and two plan searches)
     seed: int = 0
     threads: int | None = None
 
@@ -119,16 +154,29 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
                        out=out / "profile.json", data_info={"files": cal_names})
     profile_seconds = time.perf_counter() - t0
 
-    configs_to_run = run_configs()
-    console.print("[bold]2/4 allocating[/bold] " + ", ".join(l for l, _, _ in configs_to_run)
+    configs_to_run = run_configs(ablation=s.ablation)
+    mid = ablation_budget(s.budgets)
+    profiles = {"fixed": prof}
+    for pp in sorted({c.profile_policy for c in configs_to_run} - {"fixed"}):
+        console.print(f"  policy-aware profile ({pp}) for the ablation")
+        profiles[pp] = run_profile(model, cal, metric=s.metric, batch_size=s.batch_size, renormalize=s.renormalize,
+                                   out=out / f"profile_{pp}.json", data_info={"files": cal_names},
+                                   token_policy=pp, progress=False)
+    console.print("[bold]2/4 allocating[/bold] " + ", ".join(c.label for c in configs_to_run)
                   + f" at budgets {s.budgets}")
     plans: list[tuple[str, str, float, Plan]] = []
+    t_alloc = {}
     for b in s.budgets:
-        for label, method, policy in configs_to_run:
-            plan = allocate(model, b, method, profile=prof, token_policy=policy, renormalize=s.renormalize,
-                            seed=s.seed, windows=pol_cal, progress=False)
-            plan.save(out / "plans" / f"{plan_file_stem(label, b)}.json")
-            plans.append((label, method, b, plan))
+        for c in configs_to_run:
+            if c.ablation and b != mid:
+                continue
+            t0 = time.perf_counter()
+            plan = allocate(model, b, c.method, profile=profiles[c.profile_policy], token_policy=c.policy,
+                            renormalize=s.renormalize, seed=s.seed, windows=pol_cal, progress=False,
+                            compensate=c.compensate)
+            t_alloc[f"{b}/{c.label}"] = round(time.perf_counter() - t0, 2)
+            plan.save(out / "plans" / f"{plan_file_stem(c.label, b)}.json")
+            plans.append((c.label, c.method, b, plan))
 
     console.print(f"[bold]3/4 evaluating[/bold] {len(plans) + 1} configurations on "
                   f"{min(s.eval_tokens, 10**9):,} validation tokens + {len(tasks)} tasks")
@@ -139,7 +187,7 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
             return {}
         r = evaluate(model, plan, tokenizer=tok, texts=ood_texts, seq_len=s.seq_len, batch_size=s.batch_size,
                      max_tokens=s.ood_tokens)
-        return {"ood": {k: r[k] for k in ("perplexity", "tokens", "activations_per_token")}}
+        return {"ood": {k: r[k] for k in ("perplexity", "tokens", "activations_per_token", "compensation") if k in r}}
 
     configs = []
     full_res = evaluate_config(model, tok, None, val_texts, tasks, s)
@@ -148,7 +196,9 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
     for label, method, b, plan in tqdm(plans, desc="evaluating", unit="cfg"):
         r = evaluate_config(model, tok, plan, val_texts, tasks, s)
         configs.append(dict(label=label, method=method, policy=plan.policy, budget=b, ks=plan.ks,
-                            plan_budget=plan.budget, token_policy=plan.token_policy, **r, **ood(plan)))
+                            plan_budget=plan.budget, token_policy=plan.token_policy,
+                            compensated=plan.compensation is not None,
+                            profile_policy=(plan.meta.get("profile_token_policy") or "fixed"), **r, **ood(plan)))
 
     speed_note = None
     if s.speed:
@@ -159,7 +209,8 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
         "allocmoe_version": __version__,
         "model": {"path": local_path(model_spec), **model_description(model, layers)},
         "settings": dict(vars(s), validation_files=val_names, calibration_files=cal_names, ood_files=ood_names,
-                         profile_seconds=profile_seconds, threads=torch.get_num_threads(),
+                         profile_seconds=profile_seconds, allocate_seconds=t_alloc, ablation_budget=mid,
+                         threads=torch.get_num_threads(),
                          torch=torch.__version__, python=platform.python_version()),
         "profile": {"k_values": prof.k_values, "sensitivity": prof.sensitivity, "metric": prof.metric,
                     "metrics": prof.metrics, "tokens": prof.tokens},

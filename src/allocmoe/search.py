@@ -97,14 +97,14 @@ def search_allocation(fitness: PlanFitness, start: list[int], k_values: list[int
     bar = tqdm(range(generations), desc="searching plans", disable=not progress, leave=False)
     for gen in bar:
         kids = []
-        while len(kids) < offspring:
+        for _ in range(20 * offspring):  # bounded: a small model may have fewer distinct neighbours
             kid = mutate(parent, k_values, rng, rng.randint(1, max_moves))
             if kid != parent and kid not in kids:
                 kids.append(kid)
-            elif len(kids) == 0 and all(mutate(parent, k_values, random.Random(s), 1) == parent for s in range(3)):
-                break  # nothing can move (every layer at a bound)
+                if len(kids) == offspring:
+                    break
         if not kids:
-            break
+            break  # nothing can move (every layer at a bound)
         kids.sort(key=lambda k: (fitness(k, low_windows), k))
         best = min(kids[:survivors], key=lambda k: (fitness(k, high_windows), k))
         f_best = fitness(best, high_windows)
