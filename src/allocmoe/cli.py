@@ -479,7 +479,8 @@ def error_line(e: AllocMoeError) -> str:
 def run_cli(argv: list[str] | None = None) -> int:
     """Run the command line on `argv` (default: sys.argv[1:]) and return the exit code; errors are one line."""
     try:
-        app(args=argv, prog_name="allocmoe", standalone_mode=False)
+        # with standalone_mode=False click returns (not raises) the code of an Exit, e.g. 130 after Ctrl-C
+        rc = app(args=argv, prog_name="allocmoe", standalone_mode=False)
     except AllocMoeError as e:
         err.print(f"[red]error:[/red] {error_line(e)}", highlight=False, soft_wrap=True)
         return 2
@@ -495,7 +496,7 @@ def run_cli(argv: list[str] | None = None) -> int:
             e.show()
             return e.exit_code
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 def main() -> None:

@@ -130,12 +130,16 @@ def _experts_args(args, kwargs):
 
 def _full_output(layer, h: torch.Tensor) -> torch.Tensor:
     """The stock routed output with the full top-K (no plan), for flattened h [T, H]."""
-    out = type(layer.router).forward(layer.router, h)
-    if not isinstance(out, (tuple, list)) or len(out) < 3:
-        raise UnsupportedModelError(
-            f"{layer.name}: the router does not return (logits, weights, index); compensation cannot be fitted")
-    weights, index = out[1], out[2]
-    return type(layer.experts).forward(layer.experts, h, index, weights)
+    from .models import weights_loaded
+
+    # called from forward hooks: offloaded (accelerate) weights are loaded only around the modules' own forwards
+    with weights_loaded(layer.router), weights_loaded(layer.experts):
+        out = type(layer.router).forward(layer.router, h)
+        if not isinstance(out, (tuple, list)) or len(out) < 3:
+            raise UnsupportedModelError(
+                f"{layer.name}: the router does not return (logits, weights, index); compensation cannot be fitted")
+        weights, index = out[1], out[2]
+        return type(layer.experts).forward(layer.experts, h, index, weights)
 
 
 def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
