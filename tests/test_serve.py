@@ -57,8 +57,8 @@ def client(srv):
     return openai.OpenAI(base_url=srv.base_url, api_key="-", max_retries=0, timeout=60)
 
 
-def complete(c, srv, prompt, **kw):
-    return c.completions.create(model=srv.model_name, prompt=prompt, max_tokens=N_NEW, temperature=0, **kw)
+def complete(c, srv, prompt, n=N_NEW, **kw):
+    return c.completions.create(model=srv.model_name, prompt=prompt, max_tokens=n, temperature=0, **kw)
 
 
 def post(url, body: bytes, timeout=30):
@@ -158,7 +158,8 @@ def test_malformed_requests_get_4xx_and_disconnects_do_not_kill_the_server(tiny)
 def test_continuous_batching_packs_requests_and_counts_only_real_tokens(tmp_path):
     """transformers' continuous batching (qwen3_moe: DeepSeek-V2's latent KV does not fit its paged cache)."""
     m, tok, _ = allocmoe.load_model(save_tiny("qwen3_moe", tmp_path / "q"))
-    ref = reference(m, tok, PROMPTS)
+    n = 24  # long enough that the four requests overlap even on a loaded machine
+    ref = reference(m, tok, PROMPTS, n)
     seqs_per_call = []
     hook = m.register_forward_pre_hook(
         lambda mod, a, kw: seqs_per_call.append(len(kw["cu_seq_lens_q"]) - 1) if "cu_seq_lens_q" in kw else None,
@@ -167,7 +168,7 @@ def test_continuous_batching_packs_requests_and_counts_only_real_tokens(tmp_path
         with BackgroundServer(m, tok, plan, continuous_batching=True) as srv:
             c = client(srv)
             with ThreadPoolExecutor(4) as pool:
-                got = list(pool.map(lambda p: complete(c, srv, p), PROMPTS))
+                got = list(pool.map(lambda p: complete(c, srv, p, n), PROMPTS))
             u = got[0].usage
             assert u.activations_scope == "batch"
             assert all(r.usage.activations_per_token == pytest.approx(sum(plan.ks)) for r in got)
