@@ -25,7 +25,7 @@ computes only the real pairs *on every rank*:
   all-reduced over the tensor-parallel group: each rank runs its slice of every surviving pair.
 
 Counting: the routers run on every rank, so each rank counts the pairs of the tokens it holds. After every
-forward call of a sharded model, `CountReducer` all-reduces the per-layer pairs and tokens (and the per-expert
+forward call of a sharded model, the handle (patching.py) all-reduces the per-layer pairs and tokens (and the per-expert
 load) over the world and divides by the number of ranks that hold the same batch (the tensor-parallel size),
 so `handle.counts()` gives the global figure, the same as one process on the same data. Under expert parallel
 with FSDP the ranks are data-parallel: tokens and pairs are summed over ranks, activations per token is their
@@ -250,53 +250,19 @@ def sparse_forward_for(experts, num_experts: int):
 # --------------------------------------------------------------------------------------------------
 
 
-class CountReducer:
-    """After each forward call, replace the per-rank counts of that call by the global ones (a collective)."""
+def count_replicas(model) -> int | None:
+    """None unless `model` is sharded under torchrun; else how many ranks see each token of a call
+    (what a sum of per-rank counts over all ranks must be divided by)."""
+    if not initialized() or world_size() == 1 or model_sharding(model) is None:
+        return None
+    return batch_replicas(model)
 
-    def __init__(self, states, replicas: int):
-        self.states, self.replicas = states, replicas
-        self.snapshot = [None] * len(states)  # per-layer expert counts already reduced
 
-    @classmethod
-    def for_model(cls, model, states) -> "CountReducer | None":
-        if not initialized() or world_size() == 1 or model_sharding(model) is None:
-            return None
-        return cls(states, batch_replicas(model))
-
-    def after_call(self) -> None:
-        st = self.states
-        L = len(st)
-        parts = [torch.tensor([s.pairs_last for s in st] + [s.tokens_last for s in st], dtype=torch.int64)]
-        deltas = []
-        for i, s in enumerate(st):
-            E = s.layer.num_experts
-            if s.expert_counts is None:
-                d = torch.zeros(E, dtype=torch.int64)
-            else:
-                cur = s.expert_counts.to(torch.int64).cpu()
-                d = cur - (self.snapshot[i] if self.snapshot[i] is not None else 0)
-            deltas.append(d)
-        parts += deltas
-        flat = torch.cat(parts).to(_comm_device())
-        torch.distributed.all_reduce(flat)
-        flat = torch.div(flat, self.replicas, rounding_mode="floor").cpu()
-        pairs, tokens = flat[:L].tolist(), flat[L:2 * L].tolist()
-        off = 2 * L
-        for i, s in enumerate(st):
-            s.pairs_total += pairs[i] - s.pairs_last
-            s.tokens_total += tokens[i] - s.tokens_last
-            s.pairs_last, s.tokens_last = pairs[i], tokens[i]
-            E = s.layer.num_experts
-            d = flat[off:off + E]
-            off += E
-            if s.expert_counts is not None or bool(d.any()):
-                dev = s.expert_counts.device if s.expert_counts is not None else torch.device("cpu")
-                base = self.snapshot[i] if self.snapshot[i] is not None else torch.zeros(E, dtype=torch.int64)
-                self.snapshot[i] = base + d
-                s.expert_counts = self.snapshot[i].to(dev)
-
-    def reset(self) -> None:
-        self.snapshot = [None] * len(self.states)
+def all_reduce_counts(flat: torch.Tensor, replicas: int) -> torch.Tensor:
+    """Sum an int64 vector of per-rank counts over all ranks (a collective), divided by `replicas`."""
+    flat = flat.to(torch.int64).to(_comm_device())
+    torch.distributed.all_reduce(flat)
+    return torch.div(flat, replicas, rounding_mode="floor").cpu()
 
 
 # --------------------------------------------------------------------------------------------------

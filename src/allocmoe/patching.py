@@ -16,7 +16,6 @@ instance overrides and restores the original behaviour bit for bit.
 
 from __future__ import annotations
 
-import os
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,7 +85,8 @@ class AppliedPlan:
         ]
         self._hooks: list = []
         self._saved: list[tuple[nn.Module, str, object]] = []
-        self._reducer = None  # distributed.CountReducer on a sharded model under torchrun
+        self._replicas = None  # sharded model under torchrun: ranks seeing each token (counts are all-reduced)
+        self._reduced_experts: list = []  # per layer: the globally reduced per-expert counts so far
         self.active = False
 
     # --- install / remove ---------------------------------------------------------------------
@@ -115,7 +115,8 @@ class AppliedPlan:
             self._comp_handle = install(self.model, self.compensation)
         setattr(self.model, _HANDLE_ATTR, self)
         # sharded model under torchrun: counts become global after every call (see distributed.py)
-        self._reducer = distributed.CountReducer.for_model(self.model, self._states)
+        self._replicas = distributed.count_replicas(self.model)
+        self._reduced_experts = [None] * len(self._states)
         self.active = True
         return self
 
@@ -156,8 +157,34 @@ class AppliedPlan:
         self.ctx.depth = max(0, self.ctx.depth - 1)
         if self.ctx.depth == 0:
             self.ctx.valid = None
-            if self._reducer is not None:
-                self._reducer.after_call()
+            if self._replicas is not None:
+                self._reduce_counts()
+
+    def _reduce_counts(self) -> None:
+        """Sharded model: replace this call's per-rank counts by the global ones (one collective), so
+        `counts()` gives the single-process figures on every rank."""
+        st, L = self._states, len(self._states)
+        deltas = []
+        for i, s in enumerate(st):
+            if s.expert_counts is None:
+                deltas.append(torch.zeros(s.layer.num_experts, dtype=torch.int64))
+            else:
+                prev = self._reduced_experts[i]
+                deltas.append(s.expert_counts.to(torch.int64).cpu() - (prev if prev is not None else 0))
+        local = torch.tensor([s.pairs_last for s in st] + [s.tokens_last for s in st], dtype=torch.int64)
+        flat = distributed.all_reduce_counts(torch.cat([local, *deltas]), self._replicas)
+        pairs, tokens, off = flat[:L].tolist(), flat[L:2 * L].tolist(), 2 * L
+        for i, s in enumerate(st):
+            s.pairs_total += pairs[i] - s.pairs_last
+            s.tokens_total += tokens[i] - s.tokens_last
+            s.pairs_last, s.tokens_last = pairs[i], tokens[i]
+            E = s.layer.num_experts
+            d, off = flat[off:off + E], off + E
+            if s.expert_counts is not None or bool(d.any()):
+                dev = s.expert_counts.device if s.expert_counts is not None else torch.device("cpu")
+                prev = self._reduced_experts[i]
+                self._reduced_experts[i] = (prev if prev is not None else torch.zeros(E, dtype=torch.int64)) + d
+                s.expert_counts = self._reduced_experts[i].to(dev)
 
     # --- per-layer access (profiling, lexi, calibration, tests) ---------------------------------
     @contextmanager
@@ -198,8 +225,7 @@ class AppliedPlan:
         for st in self._states:
             st.pairs_last = st.tokens_last = st.pairs_total = st.tokens_total = 0
             st.expert_counts = None
-        if self._reducer is not None:
-            self._reducer.reset()
+        self._reduced_experts = [None] * len(self._states)
 
     def counts(self) -> dict:
         """Measured (token, expert) pairs per MoE layer, for the last forward call and cumulatively."""
