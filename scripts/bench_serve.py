@@ -13,6 +13,20 @@ request shape (batch 1, as the server runs it without continuous batching), and 
 over the full server's time per token at N=1 (serving overhead included, so its limit is the tighter one).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_serve.py --out runs/bench_serve.json
+
+`--shape deepseek-v2-lite[:LAYERS]` serves a random-weight model with the real DeepSeek-V2-Lite dimensions
+(`allocmoe.shapes.build_shape`, seed 0, `--dtype`, bfloat16 recommended: 4 layers are ~2.2 B parameters).
+`allocmoe serve --model DIR` loads checkpoints in float32 only (two fp32 servers of the 4-layer shape would
+need ~18 GB), so for a shape each server process is this script in `--serve-shape` mode: it builds the same
+seeded model in `--dtype`, applies the plan and serves it with exactly the app `allocmoe serve` runs
+(`allocmoe.serving.build_app` + uvicorn); only the loading differs. Tokenizer: the built-in model's byte-level
+BPE (8192 ids) extended to the shape's 102400 ids with tokens "Ġx<id>" (unreachable by encoding, each
+decodes to " x<id>"), so prompts encode exactly as with the built-in tokenizer and every generated id
+streams as non-empty text. DeepSeek-V2 (multi-head latent attention) cannot use transformers' continuous
+batching (its paged cache holds K/V of one head size), so these servers run one `generate` at a time.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_serve.py --shape deepseek-v2-lite:4 --dtype bfloat16 \\
+        --concurrency 1,4,16 --requests 16 --max-tokens 8 --rounds 2 --out docs/bench_serve_deepseek_v2_lite.json
 """
 
 from __future__ import annotations
@@ -48,8 +62,12 @@ def free_port() -> int:
 
 def start_server(args, plan: str | None, log_path: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "allocmoe.cli", "serve", "--port", str(port), "--served-model-name", "bench",
-           "--threads", str(args.threads)]
+    if args.shape:
+        cmd = [sys.executable, os.path.abspath(__file__), "--serve-shape", args.shape, "--dtype", args.dtype,
+               "--port", str(port), "--threads", str(args.threads)]
+    else:
+        cmd = [sys.executable, "-m", "allocmoe.cli", "serve", "--port", str(port), "--served-model-name", "bench",
+               "--threads", str(args.threads)]
     if args.model:
         cmd += ["--model", args.model]
     if plan:
@@ -61,7 +79,64 @@ def start_server(args, plan: str | None, log_path: Path) -> tuple[subprocess.Pop
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-def wait_ready(proc, url, timeout=180):
+def shape_tokenizer(vocab_size: int):
+    """The built-in model's byte-level BPE tokenizer, extended to `vocab_size` ids.
+
+    Ids 8192.. are added to the BPE vocabulary as "Ġx<id>" (no merge produces them, so text encodes exactly
+    as with the built-in tokenizer); each decodes to " x<id>", so every id a random-weight model generates
+    streams as one non-empty chunk.
+    """
+    import transformers as tf
+
+    from allocmoe.models import default_model_dir
+
+    base = tf.AutoTokenizer.from_pretrained(default_model_dir())
+    j = json.loads(base.backend_tokenizer.to_str())
+    vocab = j["model"]["vocab"]
+    n0 = len(vocab)
+    if vocab_size < n0:
+        raise SystemExit(f"shape vocabulary {vocab_size} is smaller than the built-in tokenizer's {n0}")
+    for i in range(n0, vocab_size):
+        vocab[f"\u0120x{i}"] = i
+    with tempfile.TemporaryDirectory(prefix="shape_tok_") as d:
+        base.save_pretrained(d)
+        (Path(d) / "tokenizer.json").write_text(json.dumps(j))
+        tok = tf.AutoTokenizer.from_pretrained(d)
+    assert len(tok) == vocab_size, (len(tok), vocab_size)
+    return tok
+
+
+def load_shape(spec: str, dtype: str):
+    import torch
+
+    from allocmoe.shapes import build_shape
+
+    model = build_shape(spec, dtype=getattr(torch, dtype))
+    return model, shape_tokenizer(model.config.vocab_size)
+
+
+def serve_shape(args):
+    """Server process for a shape: `allocmoe serve`'s app (build_app + uvicorn) on a seeded shape model."""
+    import torch
+    import uvicorn
+
+    import allocmoe
+    from allocmoe.serving import bind_socket, build_app
+
+    torch.set_num_threads(args.threads)
+    sock = bind_socket("127.0.0.1", args.port)
+    model, tok = load_shape(args.serve_shape, args.dtype)
+    plan = allocmoe.Plan.load(args.plan) if args.plan else allocmoe.full_plan(model)
+    handle = allocmoe.apply(model, plan, count_experts=False)
+    app, shutdown = build_app(model, tok, handle, served_name="bench")
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    finally:
+        shutdown()
+        handle.remove()
+
+
+def wait_ready(proc, url, timeout=600):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc.poll() is not None:
@@ -150,6 +225,10 @@ def expert_share(model, tok, prompt, max_tokens, repeats=3):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model (default: the built-in one)")
+    ap.add_argument("--shape", default=None, help="random-weight model with real dimensions, e.g. deepseek-v2-lite:4")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="with --shape")
+    ap.add_argument("--serve-shape", default=None, help=argparse.SUPPRESS)  # internal: server process for a shape
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--plan", default=None, help="plan JSON (default: uniform --budget with --policy)")
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--policy", default="fixed")
@@ -162,6 +241,17 @@ def main():
     ap.add_argument("--continuous-batching", action="store_true")
     ap.add_argument("--out", default=None, help="JSON to write")
     args = ap.parse_args()
+    if args.serve_shape:
+        return serve_shape(args)
+    if args.shape and args.model:
+        raise SystemExit("pass either --model or --shape, not both")
+    if args.shape and args.continuous_batching:
+        raise SystemExit("DeepSeek-V2 shapes cannot use continuous batching (multi-head latent attention)")
+    if args.dtype != "float32" and not args.shape:
+        raise SystemExit("--dtype applies to --shape only (allocmoe serve loads checkpoints in float32)")
+    with open("/proc/loadavg") as fh:
+        load_start = fh.read().split()[:3]
+    t_start = time.time()
 
     import torch
 
@@ -169,7 +259,10 @@ def main():
     import allocmoe
     from allocmoe.data import builtin_text
 
-    model, tok, _ = allocmoe.load_model(args.model)
+    if args.shape:
+        model, tok = load_shape(args.shape, args.dtype)
+    else:
+        model, tok, _ = allocmoe.load_model(args.model)
     plan = allocmoe.Plan.load(args.plan) if args.plan else allocmoe.allocate(
         model, budget=args.budget, method="uniform", token_policy=args.policy, tokenizer=tok)
     a_full, a_plan = sum(plan.original_ks), sum(plan.ks)
@@ -224,13 +317,18 @@ def main():
     measured_plan = table[conc[0]]["budget"]["activations_per_token"] or a_plan
     limit = 1.0 / ((1 - f) + f * measured_plan / a_full)
     limit_serve = 1.0 / ((1 - f_serve) + f_serve * measured_plan / a_full)
-    lines = [f"model {args.model or 'built-in'}, plan {args.plan or f'uniform {args.budget} {args.policy}'}: "
+    with open("/proc/loadavg") as fh:
+        load_end = fh.read().split()[:3]
+    wall_min = (time.time() - t_start) / 60
+    lines = [f"model {args.shape and f'shape {args.shape} ({args.dtype}, random weights)' or args.model or 'built-in'}, plan {args.plan or f'uniform {args.budget} {args.policy}'}: "
              f"{measured_plan:.2f} of {a_full} activations/token (measured); {args.threads} thread(s); "
              f"continuous batching {'on' if args.continuous_batching else 'off'}; {args.requests} requests x "
              f"{args.max_tokens} tokens per phase, {args.rounds} rounds, medians (best round)",
              f"routed-expert share f = {f:.3f} (bare generate) -> Amdahl limit {limit:.3f}; "
              f"f_serve = {f_serve:.3f} (expert time / full server time per token at N={conc[0]}) -> limit "
-             f"{limit_serve:.3f}", "",
+             f"{limit_serve:.3f}",
+             f"load average (1/5/15 min) at start {' '.join(load_start)}, at end {' '.join(load_end)} on "
+             f"{os.cpu_count()} logical CPUs; wall time {wall_min:.1f} min", "",
              "| N | server | tok/s median (best) | TTFT med / p90 (ms) | ITL med / p90 (ms) | act/tok | "
              "ratio budget/full median (best) | limit f / f_serve |", "|---|---|---|---|---|---|---|---|"]
     for n in conc:
@@ -250,6 +348,8 @@ def main():
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
             "command": " ".join([sys.executable] + sys.argv), "settings": vars(args), "a_full": a_full,
+            "loadavg_start": load_start, "loadavg_end": load_end, "wall_min": wall_min,
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
             "a_plan": a_plan, "f": f, "f_serve": f_serve, "amdahl_limit": limit, "amdahl_limit_serve": limit_serve,
             "table": {str(n): v for n, v in table.items()},
             "raw": {name: {str(n): v for n, v in d.items()} for name, d in results.items()},
