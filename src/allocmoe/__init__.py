@@ -20,11 +20,11 @@ from .plan import Plan, full_plan, make_plan  # noqa: E402
 from .patching import AppliedPlan, applied_plan, apply  # noqa: E402
 from .profiling import Profile, profile  # noqa: E402
 from .methods import METHODS, AllocationMethod, register_method  # noqa: E402
-from .planning import allocate  # noqa: E402
+from .planning import add_compensation, allocate  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
 
 __all__ = [
-    "apply", "applied_plan", "AppliedPlan", "allocate", "evaluate", "load_model", "profile", "Profile", "Plan",
+    "apply", "applied_plan", "AppliedPlan", "allocate", "add_compensation", "evaluate", "load_model", "profile", "Profile", "Plan",
     "make_plan", "full_plan", "find_moe_layers", "TOKEN_POLICIES", "TokenPolicy", "register_policy", "METHODS",
     "AllocationMethod", "register_method", "AllocMoeError", "BudgetError", "CalibrationError", "DataError",
     "DependencyError", "FileFormatError", "ModelLoadError", "ModelMismatchError", "NoMoELayersError",

@@ -112,10 +112,21 @@ def allocate(source, budget=None, method: str = "dp", *, model: nn.Module | None
 
         plan = calibrate(model, plan, windows, progress=progress)
     if compensate:
-        from .compensation import fit_best
-
-        comp = fit_best(model, plan, windows, rank=compensation_rank, ridge=0.1, progress=progress)
-        plan.compensation_maps = comp
-        plan.compensation = comp.summary()
+        plan = add_compensation(model, plan, windows=windows, rank=compensation_rank, progress=progress)
     plan.meta["created_with"] = f"allocmoe {__version__}"
     return plan
+
+
+def add_compensation(model: nn.Module, plan: Plan, *, tokenizer=None, texts: list[str] | None = None,
+                     windows: torch.Tensor | None = None, rank: int | str = "auto", calibration_tokens: int = 16384,
+                     seq_len: int = 256, progress: bool = True) -> Plan:
+    """A copy of `plan` with dropped-expert compensation fitted on calibration text (compensation.py): both
+    fitting modes (the full model's states, and layer by layer on the budgeted model's own states), the
+    one with the lower KL on held-out calibration windows kept."""
+    from .compensation import fit_best
+
+    windows = calibration_windows(model, tokenizer, texts, windows, calibration_tokens, seq_len, what="compensation")
+    out = Plan.from_dict(plan.to_dict())
+    comp = fit_best(model, out, windows, rank=rank, ridge=0.1, progress=progress)
+    out.compensation_maps, out.compensation = comp, comp.summary()
+    return out

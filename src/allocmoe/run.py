@@ -25,7 +25,7 @@ from .io import atomic_write_json
 from .methods import METHODS
 from .models import load_model, local_path
 from .plan import Plan, model_description
-from .planning import allocate
+from .planning import add_compensation, allocate
 from .policies import TOKEN_POLICIES
 from .profiling import profile as run_profile
 from .report import sensitivity_heatmap, write_report
@@ -156,24 +156,34 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
 
     configs_to_run = run_configs(ablation=s.ablation)
     mid = ablation_budget(s.budgets)
-    profiles = {"fixed": prof}
+    profiles, profile_seconds_pa = {"fixed": prof}, None
     for pp in sorted({c.profile_policy for c in configs_to_run} - {"fixed"}):
         console.print(f"  policy-aware profile ({pp}) for the ablation")
+        t0 = time.perf_counter()
         profiles[pp] = run_profile(model, cal, metric=s.metric, batch_size=s.batch_size, renormalize=s.renormalize,
                                    out=out / f"profile_{pp}.json", data_info={"files": cal_names},
                                    token_policy=pp, progress=False)
+        profile_seconds_pa = round(time.perf_counter() - t0, 2)
     console.print("[bold]2/4 allocating[/bold] " + ", ".join(c.label for c in configs_to_run)
                   + f" at budgets {s.budgets}")
     plans: list[tuple[str, str, float, Plan]] = []
     t_alloc = {}
+    made: dict[tuple, Plan] = {}  # a compensated configuration reuses its uncompensated plan (same allocation)
     for b in s.budgets:
         for c in configs_to_run:
             if c.ablation and b != mid:
                 continue
             t0 = time.perf_counter()
-            plan = allocate(model, b, c.method, profile=profiles[c.profile_policy], token_policy=c.policy,
-                            renormalize=s.renormalize, seed=s.seed, windows=pol_cal, progress=False,
-                            compensate=c.compensate)
+            key = (b, c.method, c.policy, c.profile_policy)
+            if c.compensate:
+                base = made.get(key) or allocate(model, b, c.method, profile=profiles[c.profile_policy],
+                                                 token_policy=c.policy, renormalize=s.renormalize, seed=s.seed,
+                                                 windows=pol_cal, progress=False)
+                plan = add_compensation(model, base, windows=pol_cal, progress=False)
+            else:
+                plan = made[key] = allocate(model, b, c.method, profile=profiles[c.profile_policy],
+                                            token_policy=c.policy, renormalize=s.renormalize, seed=s.seed,
+                                            windows=pol_cal, progress=False)
             t_alloc[f"{b}/{c.label}"] = round(time.perf_counter() - t0, 2)
             plan.save(out / "plans" / f"{plan_file_stem(c.label, b)}.json")
             plans.append((c.label, c.method, b, plan))
@@ -210,6 +220,7 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
         "model": {"path": local_path(model_spec), **model_description(model, layers)},
         "settings": dict(vars(s), validation_files=val_names, calibration_files=cal_names, ood_files=ood_names,
                          profile_seconds=profile_seconds, allocate_seconds=t_alloc, ablation_budget=mid,
+                         policy_aware_profile_seconds=profile_seconds_pa,
                          threads=torch.get_num_threads(),
                          torch=torch.__version__, python=platform.python_version()),
         "profile": {"k_values": prof.k_values, "sensitivity": prof.sensitivity, "metric": prof.metric,
