@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapters import find_moe_layers
@@ -251,30 +252,44 @@ class Compensation:
 
         `dropped` = (index [T, J] with -1 for none, prob [T, J]) from `dropped_experts`, used by maps fitted
         with router features (without it those maps use the features' calibration mean)."""
+        return self.delta_and_cost(l, x, counts, dropped)[0]
+
+    def delta_and_cost(self, l: int, x: torch.Tensor, counts: torch.Tensor,
+                       dropped: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+        """(`delta`, the work it executed as `macs` counts it), in one pass over the kept counts present in
+        this call (one host read of their histogram: the inference hook's fast path)."""
         out = torch.zeros_like(x)
+        cost = {"macs": 0, "bias_adds": 0, "compensated_tokens": 0}
         layer_maps = self.maps[l]
         if not layer_maps:
-            return out
+            return out, cost
         counts = counts.reshape(-1)
-        for c, m in layer_maps.items():
-            sel = counts == c
-            if not bool(sel.any()):
+        H, T = self.hidden_size, counts.numel()
+        for c, n in enumerate(torch.bincount(counts).tolist()):
+            m = layer_maps.get(c)
+            if m is None or n == 0:
                 continue
             A, B, cb, C, cb_mean = m.folded(x.dtype, x.device)
-            idx = None if bool(sel.all()) else sel.nonzero().squeeze(1)
+            idx = None if n == T else (counts == c).nonzero().squeeze(1)
             xs = x if idx is None else x[idx]
+            cost["macs"] += n * 2 * m.rank * H
+            cost["bias_adds"] += n * H
+            cost["compensated_tokens"] += n
             if C is None or dropped is None:
                 d = (xs @ A) @ B + (cb if C is None else cb_mean)
             else:
                 di, dw = dropped
                 di, dw = (di, dw) if idx is None else (di[idx], dw[idx])
-                look = C[di.clamp(min=0)] * (dw * (di >= 0)).to(x.dtype).unsqueeze(-1)  # [t, J, H]
-                d = (xs @ A) @ B + cb + look.sum(1)
+                live = di >= 0
+                # sum_j w_j C[e_j] without materialising [t, J, H]: a weighted embedding bag
+                look = F.embedding_bag(di.clamp(min=0), C, per_sample_weights=(dw * live).to(C.dtype), mode="sum")
+                d = (xs @ A) @ B + cb + look
+                cost["macs"] += int(live.sum()) * H
             if idx is None:
                 out = d
             else:
-                out[idx] = d
-        return out
+                out.index_copy_(0, idx, d)
+        return out, cost
 
     def macs(self, l: int, counts: torch.Tensor, dropped: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
         """Work `delta(l, ., counts, dropped)` executes: 2 R H multiply-adds per compensated token, plus H per
@@ -472,15 +487,13 @@ class CompensationHandle:
             dropped = None
             if comp.router_features and logits is not None and logits.shape[0] == counts.shape[0]:
                 dropped = dropped_experts(logits, index, K)
-            cost = comp.macs(l, counts, dropped)
+            d, cost = comp.delta_and_cost(l, h.reshape(-1, h.shape[-1]), counts, dropped)
             self.macs_last[l] = cost["macs"]
             if cost["compensated_tokens"] == 0:
                 return None
             self.macs_total[l] += cost["macs"]
             self.adds_total[l] += cost["bias_adds"]
             self.comp_tokens_total[l] += cost["compensated_tokens"]
-            x = h.reshape(-1, h.shape[-1])
-            d = comp.delta(l, x, counts, dropped)
             return output + d.view(output.shape).to(output.dtype)
 
         return hook
