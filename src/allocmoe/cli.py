@@ -467,7 +467,7 @@ FLAG_HINTS = {
     "max_memory": "--max-memory", "device_map": "--device-map", "parallel": "--parallel",
     "repeats": "--repeats", "warmup": "--warmup", "threads": "--threads", "decode_batches": "--decode-batches",
     "prefill_len": "--prefill-len", "experts_implementation": "--experts-implementation",
-    "sparse_path": "--sparse-path",
+    "sparse_path": "--sparse-path", "continuous_batching": "--continuous-batching", "port": "--port",
 }
 
 

@@ -164,7 +164,7 @@ def build_app(model, tokenizer, handle, *, served_name: str, continuous_batching
     if continuous_batching and getattr(model.config, "kv_lora_rank", None):
         raise SettingsError(
             f"continuous batching does not support {model.config.model_type} (multi-head latent attention): "
-            "transformers' paged KV cache holds K and V of one head size; serve without --continuous-batching",
+            "transformers' paged KV cache holds K and V of one head size; serve with continuous_batching off",
             param="continuous_batching")
     if getattr(tokenizer, "chat_template", None) is None:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
