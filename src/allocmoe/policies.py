@@ -108,7 +108,7 @@ class Fixed(TokenPolicy):
 @register_policy
 class Global(TokenPolicy):
     name, run_with, label = "global", "dp", "Alloc-T"
-    summary = "Alloc-T: the tokens of a call share K_l*T activations, each in [min_k, max_k] (not causal)"
+    summary = "Alloc-T: the tokens of a call share K_l*T activations, each between min_k and max_k (not causal)"
 
     def counts(self, c, k, params, min_k):
         return global_counts(c.vals, k, min_k, c.valid)
@@ -128,7 +128,7 @@ class Threshold(TokenPolicy):
 class TopP(TokenPolicy):
     name, calibrated, param, run_with = "top-p", True, "p", "uniform"
     k_at_least_min_k = False
-    summary = "keep experts until their cumulative score reaches p (arXiv 2403.07652), p calibrated"
+    summary = "keep experts until their cumulative score reaches p (arXiv 2403.07652)"
 
     def counts(self, c, k, params, min_k):
         return top_p_counts(c.weight.gather(1, c.ids), c.weight.sum(dim=-1), float(params["p"]), min_k)
@@ -141,7 +141,7 @@ class TopP(TokenPolicy):
 class NAEE(TokenPolicy):
     name, calibrated, param, run_with = "naee", True, "beta", "uniform"
     k_at_least_min_k, param_increases_count = False, False
-    summary = "NAEE dynamic skipping: keep experts scoring >= beta x the top score, beta calibrated"
+    summary = "NAEE dynamic skipping: keep experts scoring >= beta x the top score"
 
     def counts(self, c, k, params, min_k):
         return naee_counts(c.vals, float(params["beta"]), min_k)

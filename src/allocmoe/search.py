@@ -120,7 +120,7 @@ def search_allocation(fitness: PlanFitness, start: list[int], k_values: list[int
 class Search(AllocationMethod):
     name, label = "search", "search"
     needs_model, needs_windows, in_run = True, True, False
-    summary = "end-to-end (1+lambda) search from the dp plan (or uniform), scored by KL on calibration text"
+    summary = "end-to-end (1+lambda) search from the dp plan (with --profile) or uniform, scored by KL on calibration text (needs the model)"
     generations, offspring, low_windows, high_windows = 12, 8, 4, 16
 
     def allocate(self, ctx: AllocationContext) -> list[int]:
