@@ -77,7 +77,7 @@ def test_one_call_allocate_profiles_only_when_needed(monkeypatch):
     assert calls == [1] and plan.method == "dp" and sum(plan.ks) == sum(plan.original_ks) // 2
     assert plan.token_policy["name"] == "global" and plan.meta["profile_metric"] == "kl"
     # the same profile passed in: no profiling, same plan
-    prof = real(m, allocmoe.planning.calibration_windows(m, tok, [TEXT], None, 256, 32), progress=False)
+    prof = real(m, allocmoe.planning.calibration_windows(tok, [TEXT], None, 256, 32), progress=False)
     again = allocmoe.allocate(m, budget=0.5, token_policy="global", profile=prof)
     assert len(calls) == 1 and again.ks == plan.ks
     # a method that needs no profile never profiles, and needs no text

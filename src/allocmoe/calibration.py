@@ -79,6 +79,13 @@ def _per_layer_knob(pol: policies.TokenPolicy, rec: dict, k: float, min_k: int) 
     return float(cand[best])
 
 
+def _shared_knob(pol: policies.TokenPolicy, recs: list[dict], target: float, min_k: int) -> float:
+    """One knob for all of `recs` (layers) whose mean counts, summed over them, come to `target` (bisection)."""
+    def mean_total(x):
+        return sum(float(pol.calibration_counts(rec, x, min_k).float().mean()) for rec in recs)
+    return _solve_monotone(mean_total, *pol.param_range, target, increasing=pol.param_increases_count)
+
+
 def calibrate(model: nn.Module, plan: Plan, windows: torch.Tensor, *, batch_size: int = 8, tol: float = 0.005,
               max_rounds: int = 5, progress: bool = True) -> Plan:
     """Fill in the knob of `plan`'s calibrated token policy so the plan meets its budget on average."""
@@ -106,10 +113,7 @@ def calibrate(model: nn.Module, plan: Plan, windows: torch.Tensor, *, batch_size
             for row, rec, k in zip(d["layers"], recs, plan.ks):
                 row[pol.param] = _per_layer_knob(pol, rec, k, min_k)
         else:
-            def mean_total(x):
-                return sum(float(pol.calibration_counts(rec, x, min_k).float().mean()) for rec in recs)
-            d["token_policy"][pol.param] = _solve_monotone(mean_total, *pol.param_range, target,
-                                                           increasing=pol.param_increases_count)
+            d["token_policy"][pol.param] = _shared_knob(pol, recs, target, min_k)
         cur = Plan.from_dict(d)
     if measured is None or abs(measured - target) > tol * target:
         _, counts = _record(model, cur, windows, batch_size, max_k, progress)
@@ -131,18 +135,10 @@ def layer_knobs(model: nn.Module, windows: torch.Tensor, k_values: list[int], po
     from .plan import full_plan
 
     pol = policies.get_policy(policy)
+    layers = find_moe_layers(model)
     if not pol.calibrated:
-        return [[None] * len(k_values) for _ in find_moe_layers(model)]
-    max_k = max(max(k_values), max(l.top_k for l in find_moe_layers(model)))
+        return [[None] * len(k_values) for _ in layers]
+    max_k = max(max(k_values), max(l.top_k for l in layers))
     recs, _ = _record(model, full_plan(model), windows, batch_size, max_k, progress)
-    out = []
-    for rec in recs:
-        row = []
-        for k in k_values:
-            if pol.per_layer_param:
-                row.append(_per_layer_knob(pol, rec, k, min_k))
-            else:
-                f = lambda x, rec=rec: float(pol.calibration_counts(rec, x, min_k).float().mean())  # noqa: E731
-                row.append(_solve_monotone(f, *pol.param_range, k, increasing=pol.param_increases_count))
-        out.append(row)
-    return out
+    solve = _per_layer_knob if pol.per_layer_param else (lambda p, rec, k, m: _shared_knob(p, [rec], k, m))
+    return [[solve(pol, rec, k, min_k) for k in k_values] for rec in recs]

@@ -373,7 +373,6 @@ class Compensation:
                 raise PlanError(f"compensation file {path} has sha256 {digest[:16]}..., but the plan expects "
                                 f"{exp[:16]}...: the file was changed or belongs to another plan")
         try:
-            from safetensors import safe_open  # noqa: F401  (metadata via the header below)
             n = int.from_bytes(data[:8], "little")
             if n <= 0 or n > len(data) - 8:
                 raise ValueError("bad header length")
@@ -742,7 +741,6 @@ def _output_fisher(model, layers, windows: torch.Tensor, batch_size: int) -> lis
     """Per MoE layer, sum over calibration tokens of g g^T (float64 [H, H]), g = d(summed next-token NLL) /
     d(routed experts output) in the full (unpatched) model."""
     dev = _device(model)
-    H = None
     outs: list = [None] * len(layers)
 
     def hook_for(l):

@@ -45,11 +45,18 @@ IMPL_NAME = "allocmoe"  # the experts implementation `register_experts_implement
 _IMPL_TO_PATH = {"grouped_mm": "grouped", "eager": "loop", "batched_mm": "batched", IMPL_NAME: "auto"}
 AUTO_LOOP_MAX_PAIRS = 16  # `auto`: calls with at most this many (token, slot) pairs use the loop path
 
-def default_sparse_path() -> str:
-    """The path `apply` uses when none is given: $ALLOCMOE_SPARSE_EXPERTS, else `follow`."""
+def sparse_path_or_default(name: str | None = None) -> str:
+    """`name`, or the path `apply` uses when none is given ($ALLOCMOE_SPARSE_EXPERTS, else `follow`);
+    SettingsError if it is not one of SPARSE_PATHS."""
     import os
 
-    return os.environ.get("ALLOCMOE_SPARSE_EXPERTS", "follow")
+    from .errors import SettingsError
+
+    path = name or os.environ.get("ALLOCMOE_SPARSE_EXPERTS", "follow")
+    if path not in SPARSE_PATHS:
+        raise SettingsError(f"unknown sparse experts path {path!r} (choose from {', '.join(SPARSE_PATHS)})",
+                            param="sparse_path")
+    return path
 
 
 def supports_fast(module) -> bool:

@@ -31,7 +31,6 @@ class AllocationContext:
     seed: int = 0
     progress: bool = True
     token_policy: dict | None = None  # the plan's token policy (methods that score whole plans use it)
-    compensation_fn: object | None = None  # ks -> compensation to score plans with (search), or None
     meta: dict = field(default_factory=dict)
 
 

@@ -71,10 +71,7 @@ class AppliedPlan:
         self._comp_handle = None
         self.record = record  # keep each layer's last selected index [T, M] (tests, analysis)
         self.count_experts = count_experts  # per-expert load (cheap, but off for benchmarks)
-        self.sparse_path = sparse_path or experts_fast.default_sparse_path()
-        if self.sparse_path not in experts_fast.SPARSE_PATHS:
-            raise SettingsError(f"unknown sparse experts path {self.sparse_path!r} "
-                                f"(choose from {', '.join(experts_fast.SPARSE_PATHS)})", param="sparse_path")
+        self.sparse_path = experts_fast.sparse_path_or_default(sparse_path)
         self.ctx = _BatchContext()
         tp = plan.token_policy
         self.policy = policies.get_policy(tp["name"])
@@ -209,9 +206,6 @@ class AppliedPlan:
         finally:
             st.k, st.renorm, st.policy, st.params = saved
 
-    def layer_k(self, index: int) -> int:
-        return self._states[index].k
-
     def last_selection(self, index: int) -> torch.Tensor | None:
         """Expert index [T, M] chosen in layer `index` by the last call (-1 = dropped); needs record=True."""
         if not self.record:
@@ -325,8 +319,8 @@ def _make_router_forward(handle: AppliedPlan, st: _LayerState):
             logits = scores.logits
             kk = st.k if policy.exact else max(max_k, st.k)
             vals, ids = policies.sorted_candidates(scores.rank, kk)
-            weight = scores.weight.masked_fill(~torch.isfinite(scores.rank), 0.0)
-            counts = policy.counts(policies.Candidates(vals, ids, weight, valid), st.k, st.params, min_k)
+            cand = policies.Candidates(vals, ids, valid, rank=scores.rank, raw_weight=scores.weight)
+            counts = policy.counts(cand, st.k, st.params, min_k)
             if valid is not None:
                 counts = counts.masked_fill(~valid, 0)
             index = policies.prefix_index(ids, counts)

@@ -19,7 +19,7 @@ from . import __version__
 from .adapters import MoELayer, find_moe_layers
 from .errors import FileFormatError, ModelMismatchError, PlanError
 from .io import atomic_write_json, load_json
-from .policies import TOKEN_POLICIES
+from .policies import get_policy
 
 PLAN_FORMAT = "allocmoe-plan"
 PLAN_VERSION = 1
@@ -223,9 +223,7 @@ class Plan:
         if n is not None and n != len(self.layers):
             raise PlanError(f"plan has {len(self.layers)} layers but its model fingerprint has {n} MoE layers")
         name = self.policy
-        if name not in TOKEN_POLICIES:
-            raise PlanError(f"unknown token policy {name!r} (choose from {', '.join(TOKEN_POLICIES)})")
-        pol = TOKEN_POLICIES[name]
+        pol = get_policy(name)
         if self.renormalize not in RENORM_MODES:
             raise PlanError(f"unknown renormalize mode {self.renormalize!r} (choose from {', '.join(RENORM_MODES)})")
         experts = _per_layer(self.model.get("num_experts"), len(self.layers))
@@ -260,9 +258,7 @@ def make_plan(model_or_layers, ks: list[int], *, token_policy: str | dict = "fix
     if len(ks) != len(layers):
         raise PlanError(f"got {len(ks)} per-layer counts for a model with {len(layers)} MoE layers")
     tp = {"name": token_policy} if isinstance(token_policy, str) else dict(token_policy)
-    if tp.get("name") not in TOKEN_POLICIES:
-        raise PlanError(f"unknown token policy {tp.get('name')!r} (choose from {', '.join(TOKEN_POLICIES)})")
-    for key, value in TOKEN_POLICIES[tp["name"]].defaults(list(ks), max(l.top_k for l in layers)).items():
+    for key, value in get_policy(tp.get("name")).defaults(list(ks), max(l.top_k for l in layers)).items():
         tp.setdefault(key, value)
     rows = []
     for i, (layer, k) in enumerate(zip(layers, ks)):

@@ -26,7 +26,7 @@ from .policies import get_policy
 from .profiling import Profile
 
 
-def calibration_windows(model: nn.Module | None, tokenizer=None, texts: list[str] | None = None,
+def calibration_windows(tokenizer=None, texts: list[str] | None = None,
                         windows: torch.Tensor | None = None, tokens: int = 16384, seq_len: int = 256,
                         what: str = "this plan") -> torch.Tensor:
     """Token windows for profiling/calibration: `windows` as given, else `texts` (default: the built-in
@@ -74,7 +74,7 @@ def allocate(source, budget=None, method: str = "dp", *, model: nn.Module | None
                 else f"token policy {pol.name!r}" if pol.calibrated else "compensation")
         raise SettingsError(f"{what} needs the model: call allocate(model, ...)", param="model")
     if needs_text:
-        windows = calibration_windows(model, tokenizer, texts, windows, calibration_tokens, seq_len,
+        windows = calibration_windows(tokenizer, texts, windows, calibration_tokens, seq_len,
                                       what=f"method {method!r} with token policy {pol.name!r}")
     if meth.needs_profile and prof is None:
         from .profiling import profile as run_profile
@@ -125,7 +125,7 @@ def add_compensation(model: nn.Module, plan: Plan, *, tokenizer=None, texts: lis
     one with the lower KL on held-out calibration windows kept."""
     from .compensation import fit_best
 
-    windows = calibration_windows(model, tokenizer, texts, windows, calibration_tokens, seq_len, what="compensation")
+    windows = calibration_windows(tokenizer, texts, windows, calibration_tokens, seq_len, what="compensation")
     out = Plan.from_dict(plan.to_dict())
     comp = fit_best(model, out, windows, rank=rank, ridge=0.1, progress=progress)
     out.compensation_maps, out.compensation = comp, comp.summary()

@@ -19,6 +19,7 @@ Padding tokens (valid == False) get c_t = 0: they take no budget and run no expe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -29,14 +30,21 @@ from .errors import PlanError
 class Candidates:
     """One layer's routing for T tokens, as the policies see it.
 
-    vals/ids: each token's best max_k experts by rank score, best first ([T, max_k]);
-    weight: [T, E] mixing scores (-inf rank entries zeroed); valid: bool [T] real tokens, or None (all).
+    vals/ids: each token's best max_k experts by rank score, best first ([T, max_k]); valid: bool [T] real
+    tokens, or None (all); rank/raw_weight: the router's [T, E] scores, from which `weight` is derived on first
+    use (only policies that read mixing weights pay for it).
     """
 
     vals: torch.Tensor
-    ids: torch.Tensor
-    weight: torch.Tensor
+    ids: torch.Tensor | None
     valid: torch.Tensor | None
+    rank: torch.Tensor | None = None
+    raw_weight: torch.Tensor | None = None
+
+    @cached_property
+    def weight(self) -> torch.Tensor:
+        """[T, E] mixing scores with the entries a family forbids (-inf rank) zeroed."""
+        return self.raw_weight.masked_fill(~torch.isfinite(self.rank), 0.0)
 
 
 class TokenPolicy:
@@ -68,7 +76,7 @@ class TokenPolicy:
 
     def calibration_counts(self, rec: dict, x: float, min_k: int) -> torch.Tensor:
         """Counts with knob value x on scores recorded by calibration (`rec`: vals, wvals, wsum)."""
-        return self.counts(Candidates(rec["vals"], None, None, None), 0, {self.param: x}, min_k)
+        return self.counts(Candidates(rec["vals"], None, None), 0, {self.param: x}, min_k)
 
     def defaults(self, ks: list[int], original_k: int) -> dict:
         """Token-policy fields a plan with this policy carries before any calibration."""
@@ -88,10 +96,6 @@ def get_policy(name: str) -> TokenPolicy:
         return TOKEN_POLICIES[name]
     except KeyError:
         raise PlanError(f"unknown token policy {name!r} (choose from {', '.join(TOKEN_POLICIES)})") from None
-
-
-def calibrated_policies() -> list[str]:
-    return [n for n, p in TOKEN_POLICIES.items() if p.calibrated]
 
 
 # --------------------------------------------------------------------------------------------------

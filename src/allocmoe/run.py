@@ -175,15 +175,10 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
                 continue
             t0 = time.perf_counter()
             key = (b, c.method, c.policy, c.profile_policy)
-            if c.compensate:
-                base = made.get(key) or allocate(model, b, c.method, profile=profiles[c.profile_policy],
-                                                 token_policy=c.policy, renormalize=s.renormalize, seed=s.seed,
-                                                 windows=pol_cal, progress=False)
-                plan = add_compensation(model, base, windows=pol_cal, progress=False)
-            else:
-                plan = made[key] = allocate(model, b, c.method, profile=profiles[c.profile_policy],
-                                            token_policy=c.policy, renormalize=s.renormalize, seed=s.seed,
-                                            windows=pol_cal, progress=False)
+            if key not in made:
+                made[key] = allocate(model, b, c.method, profile=profiles[c.profile_policy], token_policy=c.policy,
+                                     renormalize=s.renormalize, seed=s.seed, windows=pol_cal, progress=False)
+            plan = add_compensation(model, made[key], windows=pol_cal, progress=False) if c.compensate else made[key]
             t_alloc[f"{b}/{c.label}"] = round(time.perf_counter() - t0, 2)
             plan.save(out / "plans" / f"{plan_file_stem(c.label, b)}.json")
             plans.append((c.label, c.method, b, plan))
@@ -247,7 +242,7 @@ def _speed(model, plans, configs, s: RunSettings) -> str:
     """
     from .bench import FULL, BenchSettings, machine_busy, run_bench
 
-    mid = sorted(s.budgets, key=lambda b: abs(b - 0.5))[0]
+    mid = ablation_budget(s.budgets)
     chosen = {label: plan for label, m, b, plan in plans if b == mid and label in SPEED_LABELS}
     settings = BenchSettings(prefill_batch=1, prefill_len=s.seq_len, decode_batches=(1,), decode_tokens=16,
                              repeats=3, warmup=1, threads=s.threads, progress=False)

@@ -30,14 +30,12 @@ from .methods import AllocationContext, AllocationMethod, register_method
 class PlanFitness:
     """KL(full || plan) per token on fixed windows; reference log-probs computed once."""
 
-    def __init__(self, model, windows: torch.Tensor, token_policy: dict, batch_size: int = 8,
-                 compensation_fn=None):
+    def __init__(self, model, windows: torch.Tensor, token_policy: dict, batch_size: int = 8):
         from .patching import apply
         from .plan import full_plan
 
         self.model, self.windows, self.batch_size = model, windows, batch_size
         self.token_policy = token_policy
-        self.compensation_fn = compensation_fn  # ks -> compensation to install, or None
         self.ref: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (p, sum p log p)
         self.cache: dict[tuple[tuple[int, ...], int], float] = {}
         with apply(model, full_plan(model)), torch.no_grad():
@@ -57,9 +55,7 @@ class PlanFitness:
 
         plan = make_plan(self.model, list(ks), token_policy=dict(self.token_policy), method="search")
         total, n = 0.0, 0
-        comp = self.compensation_fn(ks) if self.compensation_fn is not None else None
-        extra = {"compensation": comp} if comp is not None else {}
-        with apply(self.model, plan, count_experts=False, **extra), torch.no_grad():
+        with apply(self.model, plan, count_experts=False), torch.no_grad():
             for i, b in enumerate(range(0, min(n_windows, len(self.windows)), self.batch_size)):
                 x = self.windows[b:min(b + self.batch_size, n_windows)]
                 logp = F.log_softmax(self.model(x, use_cache=False).logits.float(), dim=-1)
@@ -137,7 +133,7 @@ class Search(AllocationMethod):
             tp = {"name": "fixed"}  # calibrating every candidate would cost a pass each; scored under fixed
         ctx.meta["search_scored_policy"] = tp["name"]
         n_high = min(self.high_windows, len(ctx.windows))
-        fit = PlanFitness(ctx.model, ctx.windows[:n_high], tp, compensation_fn=ctx.compensation_fn)
+        fit = PlanFitness(ctx.model, ctx.windows[:n_high], tp)
         ks, hist = search_allocation(fit, start, ctx.k_values, seed=ctx.seed, progress=ctx.progress,
                                      high_windows=n_high, low_windows=min(self.low_windows, n_high),
                                      generations=self.generations, offspring=self.offspring)

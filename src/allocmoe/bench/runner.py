@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import experts_fast
 from ..adapters import find_moe_layers
 from ..errors import SettingsError
 from ..patching import apply
@@ -161,13 +162,11 @@ def _batched_bytes(model: nn.Module, pairs: int) -> int:
     return per * pairs
 
 
-def _default_sparse_path(model: nn.Module, configs: list[_Config], asked: str | None) -> str | None:
-    """The sparse experts path `apply` uses for plans without their own (validated by apply itself)."""
-    plan = next((c.plan for c in configs if c.plan is not None), None)
-    if plan is None:
+def _default_sparse_path(configs: list[_Config], asked: str | None) -> str | None:
+    """The sparse experts path `apply` uses for plans without their own (validated as apply does)."""
+    if all(c.plan is None for c in configs):
         return asked
-    with apply(model, plan, count_experts=False, sparse_path=asked) as h:
-        return h.sparse_path
+    return experts_fast.sparse_path_or_default(asked)
 
 
 @contextmanager
@@ -329,7 +328,7 @@ def run_bench(model: nn.Module, configs: dict, settings: BenchSettings | None = 
     cfgs, ref_name = _configs(model, configs, s.implementations)
     with _threads(s.threads), _implementation(model, s.experts_implementation):
         base_impl = getattr(model.config, "_experts_implementation", None)
-        default_sparse = _default_sparse_path(model, cfgs, s.sparse_path)
+        default_sparse = _default_sparse_path(cfgs, s.sparse_path)
         bench = _Bench(model, cfgs, s, base_impl, default_sparse)
         result = {
             "format": BENCH_FORMAT, "version": BENCH_VERSION,
