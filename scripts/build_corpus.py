@@ -31,11 +31,11 @@ Deterministic and re-runnable.  Steps:
    ``"<source>:<chunk index>"`` (see :func:`split_of`).
    One whole source, :data:`OOD_SOURCE` (the Devil's Dictionary), is held out
    of all three splits as the out-of-domain split.
-4. Write ``corpus_build/{train,validation,calibration,ood}.txt``, re-derive
-   the v1 (original five packages) validation/calibration splits into
-   ``corpus_build/v1/`` and check them against the shipped files, and copy
-   ``ood.txt`` into ``src/allocmoe/assets/data/`` (``--copy-splits``: also the
-   new validation and calibration splits).
+4. Write ``corpus_build/{train,validation,calibration,ood}.txt`` (the held-out
+   splits interleaved across sources), check that the v1 corpus's (original
+   five packages) held-out chunks are still held out of the v2 training split,
+   and copy ``ood.txt`` into ``src/allocmoe/assets/data/`` (``--copy-splits``:
+   also the validation and calibration splits).
 
 Usage::
 
@@ -479,12 +479,39 @@ def split_of(source: str, index: int) -> str:
 
 
 def assign_splits(sources: dict[str, str], min_chars: int = CHUNK_CHARS) -> dict[str, list[str]]:
-    """Chunk every source and route chunks to splits; order is deterministic."""
-    out: dict[str, list[str]] = {"train": [], "validation": [], "calibration": []}
+    """Chunk every source and route chunks to splits. The training split is in source-name order; the
+    held-out splits are interleaved across sources (:func:`interleave`), so that any prefix of them -- tools
+    evaluate on the first N tokens -- mixes the sources in proportion, instead of being all Austen."""
+    labelled: dict[str, list[tuple[str, str]]] = {"train": [], "validation": [], "calibration": []}
     for name in sorted(sources):
         for i, chunk in enumerate(chunk_paragraphs(sources[name], min_chars)):
-            out[split_of(name, i)].append(chunk)
-    return out
+            labelled[split_of(name, i)].append((name, chunk))
+    return {split: [c for _, c in (pairs if split == "train" else interleave(pairs))]
+            for split, pairs in labelled.items()}
+
+
+def interleave(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Proportional interleave of (source, chunk) pairs: the j-th of a source's n chunks goes at position
+    (j + 0.5) / n, ties broken by source name; each source keeps its own order."""
+    count: dict[str, int] = {}
+    for name, _ in pairs:
+        count[name] = count.get(name, 0) + 1
+    seen: dict[str, int] = {}
+    keyed = []
+    for name, chunk in pairs:
+        j = seen.get(name, 0)
+        seen[name] = j + 1
+        keyed.append(((j + 0.5) / count[name], name, j, chunk))
+    return [(name, chunk) for _, name, _, chunk in sorted(keyed)]
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Leave an identical file alone (its mtime keys the trainer's token-id cache)."""
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------
@@ -582,8 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--copy-splits",
         action="store_true",
-        help="also copy the new validation/calibration splits into src/ (default: only ood.txt is copied; "
-        "the shipped validation/calibration stay those of the v1 corpus)",
+        help="also copy the validation/calibration splits into src/ (default: only ood.txt is copied); do this "
+        "only together with a model trained on this corpus's training split",
     )
     args = ap.parse_args(argv)
 
@@ -616,20 +643,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     for split, chunks in splits.items():
         text = "\n\n".join(chunks) + "\n"
-        (build / f"{split}.txt").write_text(text, encoding="utf-8")
+        write_if_changed(build / f"{split}.txt", text)
         summary["splits"][split] = {"chunks": len(chunks), "bytes": len(text.encode())}
         print(f"  {split:12s} {len(chunks):5d} chunks {len(text.encode()) / 1e6:8.3f} MB", flush=True)
-    (build / "ood.txt").write_text(ood, encoding="utf-8")
+    write_if_changed(build / "ood.txt", ood)
     summary["splits"]["ood"] = {"source": OOD_SOURCE, "bytes": len(ood.encode()), "paragraphs": ood.count("\n")}
     print(f"  {'ood':12s} {OOD_SOURCE} {len(ood.encode()) / 1e6:8.3f} MB", flush=True)
-    (build / "v1").mkdir(exist_ok=True)
+    # the v1 corpus's held-out chunks (the previous default model's validation/calibration) must still be
+    # held out of the v2 training split
+    train = set(splits["train"])
     for split in ("validation", "calibration"):
-        text = "\n\n".join(v1_splits[split]) + "\n"
-        (build / "v1" / f"{split}.txt").write_text(text, encoding="utf-8")
-        shipped = ASSET_DATA / f"{split}.txt"
-        same = shipped.exists() and shipped.read_text(encoding="utf-8") == text
-        summary["v1_splits"][split] = {"chunks": len(v1_splits[split]), "identical_to_shipped": same}
-        print(f"  v1 {split}: {len(v1_splits[split])} chunks, identical to shipped {shipped.name}: {same}", flush=True)
+        leaked = sum(c in train for c in v1_splits[split])
+        kept = sum(c in set(splits[split]) for c in v1_splits[split])
+        summary["v1_splits"][split] = {"chunks": len(v1_splits[split]), "in_v2_train": leaked,
+                                       f"in_v2_{split}": kept}
+        print(f"  v1 {split}: {len(v1_splits[split])} chunks, {kept} in v2 {split}, {leaked} in v2 train", flush=True)
+        if leaked:
+            raise SystemExit(f"v1 {split} chunks leaked into the v2 training split")
     (build / "corpus_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not args.no_assets:
         ASSET_DATA.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,10 @@ Steps (each is idempotent):
   ``--init-from DIR`` (warm restart from such a dir: fresh optimizer, lr
   schedule and data order continued at its step, short re-warmup).
 * ``bench``: run training steps for N seconds and report throughput.
-* ``eval``: validation perplexity at top-6, uniform top-3, and each MoE layer
-  alone at top-3, plus three sample continuations ->
-  ``corpus_build/default_model_eval.json``.
+* ``eval``: perplexity at top-6 and uniform top-3 on all tokens of the shipped
+  validation and out-of-domain splits, each MoE layer alone at top-3 on the
+  first 32,768 validation tokens, plus three sample continuations -> ``--out`` (default
+  ``corpus_build/default_model_eval.json``).
 
 Example::
 
@@ -64,6 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "corpus_build"
 OUT_DIR = REPO / "src" / "allocmoe" / "assets" / "default_model"
 VAL_TXT = REPO / "src" / "allocmoe" / "assets" / "data" / "validation.txt"
+OOD_TXT = REPO / "src" / "allocmoe" / "assets" / "data" / "ood.txt"
 TOK_DIR = BUILD / "tokenizer"
 CKPT_DIR = BUILD / "train_ckpt"
 EOT = "<|endoftext|>"
@@ -311,7 +313,7 @@ def train_loop(args, bench_seconds: float | None = None):
     tok = load_tokenizer(args.tokenizer)
     train_file = args.train_file
     data = encode_file(tok, train_file, ids_cache(train_file, tok))
-    val = encode_file(tok, VAL_TXT, BUILD / "val_ids.npy")
+    val = encode_file(tok, VAL_TXT, ids_cache(VAL_TXT, tok))  # keyed by size+mtime: a new split, a new cache
     model = build_model(tok, args.seed, args.experts_impl, **shape_overrides(args))
     cfg = model.config
     with torch.no_grad():  # seeded router init; its std sets how flat the top-6 weights start (module docstring)
@@ -611,35 +613,43 @@ def set_topk(model, k: int | dict[int, int]):
 
 
 def cmd_eval(args):
+    """The model's budget sensitivity, on all tokens of the shipped validation and out-of-domain splits:
+    full top-K vs uniform top-ceil(K/2) on both, and each MoE layer alone at top-ceil(K/2) on validation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     model.eval()
-    val = encode_file(tok, VAL_TXT)
     k_full = model.config.num_experts_per_tok
     half = math.ceil(k_full / 2)
-    res: dict = {"windows": (len(val) - 1) // args.seq, "seq": args.seq, "tokens": int(len(val))}
-
-    def ppl():
-        return math.exp(eval_loss(model, val, args.seq))
-
-    t0 = time.time()
-    base, uni = (math.exp(x) for x in half_budget_probe(model, val, args.seq, windows=None))
-    res[f"top{k_full}_ppl"] = base
-    print(f"top-{k_full}: ppl {base:.3f}  ({time.time() - t0:.0f}s for both)", flush=True)
-    res[f"uniform_top{half}_ppl"] = uni
-    res[f"uniform_top{half}_rel_increase"] = uni / base - 1
-    print(f"uniform top-{half}: ppl {uni:.3f}  (+{100 * (uni / base - 1):.1f}%)", flush=True)
+    res: dict = {"model": str(args.model), "seq": args.seq, "threads": args.threads}
+    val = None
+    for split, path in (("validation", VAL_TXT), ("ood", OOD_TXT)):
+        ids = encode_file(tok, path)[: args.max_tokens]
+        t0 = time.time()
+        base, uni = (math.exp(x) for x in half_budget_probe(model, ids, args.seq, windows=None))
+        res[split] = {"file": str(path.relative_to(REPO)), "tokens": int(len(ids)),
+                      "per_layer_tokens": args.per_layer_tokens if split == "validation" else None,
+                      "windows": (len(ids) - 1) // args.seq, f"top{k_full}_ppl": base,
+                      f"uniform_top{half}_ppl": uni, f"uniform_top{half}_rel_increase": uni / base - 1}
+        print(f"{split}: {len(ids):,} tokens, top-{k_full} ppl {base:.3f}, uniform top-{half} ppl {uni:.3f} "
+              f"({100 * (uni / base - 1):+.2f}%)  ({time.time() - t0:.0f}s for both)", flush=True)
+        if split == "validation":  # the per-layer reference: full top-K on the same prefix
+            val = ids
+            val_base = math.exp(eval_loss(model, val[: args.per_layer_tokens + 1], args.seq))
     per = {}
     for i in moe_gates(model):
         set_topk(model, {j: (half if j == i else k_full) for j in moe_gates(model)})
-        p = ppl()
-        per[str(i)] = {"ppl": p, "rel_increase": p / base - 1}
-        print(f"layer {i} alone top-{half}: ppl {p:.3f}  (+{100 * (p / base - 1):.2f}%)", flush=True)
-    res[f"single_layer_top{half}"] = per
+        p = math.exp(eval_loss(model, val[: args.per_layer_tokens + 1], args.seq))
+        per[str(i)] = {"ppl": p, "rel_increase": p / val_base - 1}
+        print(f"layer {i} alone top-{half}: ppl {p:.3f}  ({100 * (p / val_base - 1):+.2f}%)", flush=True)
     set_topk(model, k_full)
+    inc = [v["rel_increase"] for v in per.values()]
+    res[f"single_layer_top{half}"] = per
+    res["single_layer_spread"] = {"min": min(inc), "max": max(inc), "max_over_min": max(inc) / min(inc)
+                                  if min(inc) > 0 else None}
+    print(f"single-layer spread: {100 * min(inc):+.2f}% .. {100 * max(inc):+.2f}%", flush=True)
 
     gens = []
     for prompt in PROMPTS:
@@ -657,8 +667,11 @@ def cmd_eval(args):
         gens.append({"prompt": prompt, "text": text, "sampling": "seed 0, temperature 0.8, top_p 0.9"})
         print(repr(text), flush=True)
     res["continuations"] = gens
-    (BUILD / "default_model_eval.json").write_text(json.dumps(res, indent=2) + "\n")
-    print(f"-> {BUILD / 'default_model_eval.json'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"-> {args.out}")
 
 
 def main(argv=None):
@@ -720,6 +733,10 @@ def main(argv=None):
     e.add_argument("--seq", type=int, default=256)
     e.add_argument("--model", type=Path, default=OUT_DIR)
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--out", type=Path, default=BUILD / "default_model_eval.json")
+    e.add_argument("--max-tokens", type=int, default=None, help="cap on each split's tokens (default: all)")
+    e.add_argument("--per-layer-tokens", type=int, default=32768,
+                   help="validation tokens (a prefix; the split is interleaved across sources) for each layer alone")
     args = ap.parse_args(argv)
     if getattr(args, "tokenizer", "x") is None:
         args.tokenizer = TOK_DIR if (TOK_DIR / "tokenizer.json").exists() else OUT_DIR

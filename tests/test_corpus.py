@@ -294,3 +294,24 @@ def test_ood_source_is_not_chunked_into_splits():
     b = bc.assign_splits({"sword-KJV": "p\n" * 10, "dictd-gcide": "q\n" * 10}, min_chars=4)
     for split in a:
         assert all(c in b[split] for c in a[split])
+
+
+def test_held_out_splits_interleave_sources():
+    """Tools evaluate on the first N tokens of validation.txt: a prefix must mix the sources in proportion."""
+    pairs = [("a", f"a{i}") for i in range(6)] + [("b", f"b{i}") for i in range(3)] + [("c", "c0")]
+    out = bc.interleave(pairs)
+    assert sorted(out) == sorted(pairs)  # a permutation
+    for src in "abc":  # each source keeps its own order
+        assert [c for s, c in out if s == src] == [c for s, c in pairs if s == src]
+    assert {s for s, _ in out[:4]} == {"a", "b"} and [s for s, _ in out].index("c") <= 5
+    assert bc.interleave(pairs) == out  # deterministic
+    # assign_splits: train keeps source order (the trainer's data order), held-out splits are interleaved
+    sources = {name: "\n".join(f"{name}{i}" * 40 for i in range(400)) for name in ("x", "y")}
+    s = bc.assign_splits(sources, min_chars=300)
+    train_src = [c[0] for c in s["train"]]
+    assert train_src == sorted(train_src)
+    for split in ("validation", "calibration"):
+        pairs = [(n, c) for n in sorted(sources) for i, c in enumerate(bc.chunk_paragraphs(sources[n], 300))
+                 if bc.split_of(n, i) == split]
+        assert len({n for n, _ in pairs}) == 2  # both sources hold chunks out
+        assert s[split] == [c for _, c in bc.interleave(pairs)] != [c for _, c in pairs]

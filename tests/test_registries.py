@@ -58,7 +58,9 @@ def test_main_job_configs_follow_the_registries(monkeypatch):
     assert "naee" not in [c.label for c in run_configs()]
     # the ablation: every lever alone and combined, only at one budget
     abl = [c for c in run_configs() if c.ablation]
-    assert {c.method for c in abl} == {"uniform", "dp", "search"} and any(c.profile_policy == "global" for c in abl)
+    assert {c.method for c in abl} == {"uniform", "search"}  # dp+global is a main configuration
+    assert not any(c.profile_policy == "global" for c in abl)  # policy-aware profiling is opt-in
+    assert any(c.profile_policy == "global" and c.ablation for c in run_configs(policy_aware=True))
     assert not any(c.ablation for c in run_configs(ablation=False))
 
 

@@ -29,7 +29,8 @@ def test_run_writes_well_formed_report(setup):
     d, model = setup
     s = RunSettings(budgets=[0.5, 0.75], calibration_tokens=512, policy_calibration_tokens=512, eval_tokens=512,
                     seq_len=64, data=[str(d / "text.txt")], calibration_data=[str(d / "text.txt")],
-                    tasks=[str(d / "task.json")], speed=False, ood_data=[str(d / "ood.txt")], ood_tokens=256)
+                    tasks=[str(d / "task.json")], speed=False, ood_data=[str(d / "ood.txt")], ood_tokens=256,
+                    policy_aware=True)  # the opt-in policy-aware ablation row too
     out = d / "out"
     res = run(model, out, s)
     for f in ("results.json", "report.md", "frontier.png", "allocation.png", "profile.json"):
@@ -100,6 +101,9 @@ def test_cli_eval_and_generate(setup, tmp_path):
     (["eval", "--out", "x.json", "--max-examples", "0"], "--max-examples"),
     (["eval", "--out", "x.json", "--batch-size", "abc"], "--batch-size"),
     (["info", "--bogus"], "--bogus"),
+    (["run", "--policy-aware", "--no-ablation"], "--no-ablation"),
+    (["run", "--eval-tokens", "10"], "--eval-tokens"),
+    (["run", "--threads", "0"], "--threads"),
 ])
 def test_cli_usage_errors_are_short_and_name_the_option(args, names, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

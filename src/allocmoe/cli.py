@@ -16,6 +16,7 @@ from .errors import AllocMoeError
 from .methods import METHODS
 from .models import load_model
 from .policies import TOKEN_POLICIES
+from .run import RunSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Run a Mixture-of-Experts model under an expert-activation budget (Alloc-MoE).")
@@ -250,14 +251,23 @@ def run(
     budgets: str = typer.Option("0.25,0.5,0.75", help="Comma-separated budgets (fractions of the original)."),
     metric: str = typer.Option("kl", help="Profiling metric used by Alloc-L: kl or loss."),
     renormalize: str = typer.Option("native", help="native, renorm or keep-mass."),
-    calibration_tokens: int = typer.Option(16384, help="Tokens for sensitivity profiling."),
-    eval_tokens: int = typer.Option(16384, help="Validation tokens per configuration."),
+    calibration_tokens: int = typer.Option(RunSettings.calibration_tokens, help="Tokens for sensitivity profiling."),
+    policy_calibration_tokens: int = typer.Option(
+        RunSettings.policy_calibration_tokens,
+        help="Calibration tokens for calibrated token policies, compensation fits and the plan search."),
+    eval_tokens: int = typer.Option(RunSettings.eval_tokens, help="Validation tokens per configuration."),
+    ood_tokens: int = typer.Option(RunSettings.ood_tokens, help="Out-of-domain tokens per configuration (0: skip)."),
     data: Optional[List[Path]] = typer.Option(None, "--data", help="Validation text file(s)."),
     calibration_data: Optional[List[Path]] = typer.Option(None, "--calibration-data", help="Calibration text file(s)."),
     task: Optional[List[Path]] = typer.Option(None, "--task", help="Task JSON file(s) (default: shipped tasks)."),
     task_examples: Optional[int] = typer.Option(None, help="Cap on examples per task."),
     seq_len: int = typer.Option(256, help="Window length in tokens."),
     no_speed: bool = typer.Option(False, "--no-speed", help="Skip the speed measurement."),
+    no_ablation: bool = typer.Option(False, "--no-ablation",
+                                     help="Skip the lever-by-lever ablation at the budget nearest 0.5."),
+    policy_aware: bool = typer.Option(False, "--policy-aware",
+                                      help="Add policy-aware profiling to the ablation (a second profile)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty output directory."),
     device_map: Optional[str] = DeviceMapOpt,
@@ -265,7 +275,7 @@ def run(
     offload_dir: Optional[Path] = OffloadDirOpt,
 ):
     """The main job: profile, allocate with every method at each budget, evaluate, benchmark, report."""
-    from .run import RunSettings, run as run_job
+    from .run import run as run_job
 
     try:
         bl = [float(b) for b in budgets.split(",") if b.strip()]
@@ -273,11 +283,20 @@ def run(
         raise AllocMoeError(f"--budgets must be comma-separated fractions like 0.25,0.5, got {budgets!r}") from None
     if not bl or any(not 0 < b <= 1 for b in bl):
         raise AllocMoeError(f"--budgets must be fractions in (0, 1], got {budgets!r}")
+    for name, v in (("calibration-tokens", calibration_tokens), ("policy-calibration-tokens", policy_calibration_tokens),
+                    ("eval-tokens", eval_tokens)):
+        if v < seq_len:
+            raise AllocMoeError(f"--{name} must be at least one window (--seq-len {seq_len}), got {v}")
     s = RunSettings(budgets=bl, metric=metric, renormalize=renormalize, calibration_tokens=calibration_tokens,
-                    eval_tokens=eval_tokens, seq_len=seq_len, task_examples=task_examples,
+                    policy_calibration_tokens=policy_calibration_tokens, eval_tokens=eval_tokens,
+                    ood_tokens=ood_tokens, ood_data=[] if ood_tokens == 0 else None, seq_len=seq_len, task_examples=task_examples,
                     tasks=[str(t) for t in task] if task else None, data=[str(d) for d in data] if data else None,
                     calibration_data=[str(d) for d in calibration_data] if calibration_data else None,
-                    speed=not no_speed)
+                    speed=not no_speed, ablation=not no_ablation, policy_aware=policy_aware, threads=threads)
+    if policy_aware and no_ablation:
+        raise AllocMoeError("--policy-aware adds a row to the ablation; it cannot go with --no-ablation")
+    if threads is not None and threads < 1:
+        raise AllocMoeError(f"--threads must be at least 1, got {threads}")
     run_job(model, out_dir, s, force=force, dtype=dtype,
             load_kwargs=_load_kwargs(device_map, max_memory, offload_dir))
 
