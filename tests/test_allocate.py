@@ -213,7 +213,7 @@ def test_method_registry_dispatch_and_unknown():
     assert {n for n, m in METHODS.items() if m.needs_profile} == {"dp", "greedy"}
     with pytest.raises(AllocMoeError) as e:
         get_method("best")
-    assert str(e.value) == f"unknown allocation method 'best'; valid methods: {', '.join(METHODS)}"
+    assert str(e.value) == f"unknown allocation method 'best' (choose from {', '.join(METHODS)})"
     assert e.value.param == "method"
 
 

@@ -97,3 +97,13 @@ def test_one_call_allocate_errors_name_the_missing_piece():
     with pytest.raises(allocmoe.SettingsError, match="unknown allocation method 'best'"):
         allocmoe.allocate(m, budget=0.5, method="best")
     assert set(methods.METHODS) >= {"dp", "greedy", "uniform", "random", "lexi"}
+
+
+def test_registries_refuse_a_second_class_under_a_taken_name():
+    with pytest.raises(ValueError, match="token policy 'global' is already registered"):
+        @policies.register_policy
+        class Again(policies.TokenPolicy):
+            name = "global"
+    assert type(policies.TOKEN_POLICIES["global"]).__name__ != "Again"
+    with pytest.raises(allocmoe.SettingsError, match=r"unknown allocation method 'x' \(choose from uniform, "):
+        allocmoe.methods.get_method("x")

@@ -59,6 +59,11 @@ def test_run_writes_well_formed_report(setup):
     assert len(comp) == 4 and all(c["compensation"]["macs_per_token"] > 0 for c in comp)
     assert "## Ablation at budget 0.5" in md and "search + Alloc-T + comp" in md
     assert (out / "profile_global.json").exists()
+    # Alloc-L's input, every MoE layer with the spread between the most and least sensitive
+    sec = md[md.index("## Per-layer sensitivity"):].split("\n## ")[0]
+    assert "spread **" in sec
+    assert [ln.split("|")[1].strip() for ln in sec.splitlines() if ln.startswith("| ") and "MoE layer" not in ln] \
+        == [str(i) for i in range(len(r["profile"]["sensitivity"]))]
     assert res["configs"] == r["configs"]
     # refuses to write into a non-empty directory without --force
     from allocmoe.errors import OutputExistsError

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import allocators
 from .errors import SettingsError
+from .registry import Registry
 
 
 @dataclass
@@ -47,20 +48,9 @@ class AllocationMethod:
         raise NotImplementedError
 
 
-METHODS: dict[str, AllocationMethod] = {}
-
-
-def register_method(cls: type[AllocationMethod]) -> type[AllocationMethod]:
-    METHODS[cls.name] = cls()
-    return cls
-
-
-def get_method(name: str) -> AllocationMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise SettingsError(f"unknown allocation method {name!r}; valid methods: {', '.join(METHODS)}",
-                            param="method") from None
+METHODS: Registry[AllocationMethod] = Registry("allocation method", SettingsError, param="method")
+register_method = METHODS.register
+get_method = METHODS.lookup
 
 
 # --------------------------------------------------------------------------------------------------

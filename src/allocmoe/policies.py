@@ -24,6 +24,7 @@ from functools import cached_property
 import torch
 
 from .errors import PlanError
+from .registry import Registry
 
 
 @dataclass
@@ -83,19 +84,9 @@ class TokenPolicy:
         return {} if self.exact else {"min_k": 1, "max_k": max(original_k, max(ks))}
 
 
-TOKEN_POLICIES: dict[str, TokenPolicy] = {}
-
-
-def register_policy(cls: type[TokenPolicy]) -> type[TokenPolicy]:
-    TOKEN_POLICIES[cls.name] = cls()
-    return cls
-
-
-def get_policy(name: str) -> TokenPolicy:
-    try:
-        return TOKEN_POLICIES[name]
-    except KeyError:
-        raise PlanError(f"unknown token policy {name!r} (choose from {', '.join(TOKEN_POLICIES)})") from None
+TOKEN_POLICIES: Registry[TokenPolicy] = Registry("token policy", PlanError)
+register_policy = TOKEN_POLICIES.register
+get_policy = TOKEN_POLICIES.lookup
 
 
 # --------------------------------------------------------------------------------------------------

@@ -154,6 +154,28 @@ def ablation_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def sensitivity_table(results: dict) -> list[str]:
+    """Alloc-L's input, one row per MoE layer: the profile's cost of that layer alone at each k (every other
+    layer at full K), and the spread between the most and the least sensitive layer at half K."""
+    prof = results.get("profile") or {}
+    S, ks = prof.get("sensitivity"), prof.get("k_values")
+    if not S or not ks:
+        return []
+    top = max(ks)
+    shown = [k for k in ks if k < top]
+    half = min(shown, key=lambda k: abs(k - top / 2)) if shown else top
+    col = [row[ks.index(half)] for row in S]
+    lines = [f"## Per-layer sensitivity (the profile: {prof.get('metric')} of one layer alone at top-k, "
+             f"{prof.get('tokens', 0):,} calibration tokens)", ""]
+    if min(col) > 0:
+        lines += [f"At k={half}: most sensitive MoE layer {col.index(max(col))} ({max(col):.3g}), least "
+                  f"{col.index(min(col))} ({min(col):.3g}), spread **{max(col) / min(col):.1f}x**.", ""]
+    head = "| MoE layer |" + "".join(f" k={k} |" for k in shown)
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    lines += [f"| {i} |" + "".join(f" {row[ks.index(k)]:.3g} |" for k in shown) for i, row in enumerate(S)]
+    return lines + [""]
+
+
 def markdown_report(results: dict) -> str:
     m, s = results["model"], results["settings"]
     full = next(r for r in results["configs"] if r["method"] == "full")
@@ -198,6 +220,7 @@ def markdown_report(results: dict) -> str:
             lines.append(row)
         lines.append("")
     lines += ablation_table(results)
+    lines += sensitivity_table(results)
     if results.get("speed_note"):
         lines += ["## Speed", "", results["speed_note"], ""]
         flagged = _flagged_speeds(results)
