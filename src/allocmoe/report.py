@@ -167,9 +167,10 @@ def sensitivity_table(results: dict) -> list[str]:
     col = [row[ks.index(half)] for row in S]
     lines = [f"## Per-layer sensitivity (the profile: {prof.get('metric')} of one layer alone at top-k, "
              f"{prof.get('tokens', 0):,} calibration tokens)", ""]
-    if min(col) > 0:
-        lines += [f"At k={half}: most sensitive MoE layer {col.index(max(col))} ({max(col):.3g}), least "
-                  f"{col.index(min(col))} ({min(col):.3g}), spread **{max(col) / min(col):.1f}x**.", ""]
+    spread = (f"spread **{max(col) / min(col):.1f}x**" if min(col) > 0 else
+              "spread undefined (the least sensitive layer's cost is not above 0: within measurement noise)")
+    lines += [f"At k={half}: most sensitive MoE layer {col.index(max(col))} ({max(col):.3g}), least "
+              f"{col.index(min(col))} ({min(col):.3g}), {spread}.", ""]
     head = "| MoE layer |" + "".join(f" k={k} |" for k in shown)
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     lines += [f"| {i} |" + "".join(f" {row[ks.index(k)]:.3g} |" for k in shown) for i, row in enumerate(S)]
