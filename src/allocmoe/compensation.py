@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters import find_moe_layers
+from .divergence import Reference
 from .errors import DataError, FileFormatError, ModelMismatchError, PlanError, UnsupportedModelError
 from .patching import apply
 from .plan import Plan
@@ -935,29 +936,27 @@ def fit_compensation(model: nn.Module, plan, windows: torch.Tensor, *, rank: int
 # --------------------------------------------------------------------------------------------------
 
 
-def _full_logprobs(model, windows, batch_size):
+def _full_reference(model, windows, batch_size) -> list[Reference]:
     dev = _device(model)
-    out = []
     with torch.no_grad():
-        for ids in _batches(windows, batch_size):
-            out.append(torch.log_softmax(model(input_ids=ids.to(dev), use_cache=False).logits.float(), -1).cpu())
-    return out
+        return [Reference.of(model(input_ids=ids.to(dev), use_cache=False).logits.cpu())
+                for ids in _batches(windows, batch_size)]
 
 
 def kl_to_full(model: nn.Module, plan, comp: Compensation | None, windows: torch.Tensor, *, batch_size: int = 8,
-               full_logprobs: list | None = None) -> float:
-    """Mean per-token KL(full || plan [+ comp]) in nats on `windows` (use held-out calibration windows)."""
-    if full_logprobs is None:
-        full_logprobs = _full_logprobs(model, windows, batch_size)
+               reference: list[Reference] | None = None) -> float:
+    """Mean per-token KL(full || plan [+ comp]) in nats on `windows` (use held-out calibration windows);
+    `reference`: the full model's side, when several candidates are scored on the same windows."""
+    if reference is None:
+        reference = _full_reference(model, windows, batch_size)
     dev = _device(model)
     total, n = 0.0, 0
     with torch.no_grad(), apply(model, plan):
         ctx = install(model, comp) if comp is not None else contextlib.nullcontext()
         with ctx:
-            for ids, lp_full in zip(_batches(windows, batch_size), full_logprobs):
-                lp = torch.log_softmax(model(input_ids=ids.to(dev), use_cache=False).logits.float(), -1).cpu()
-                total += float((lp_full.exp() * (lp_full - lp)).sum())
-                n += lp.shape[0] * lp.shape[1]
+            for ids, ref in zip(_batches(windows, batch_size), reference):
+                total += ref.kl_sum(model(input_ids=ids.to(dev), use_cache=False).logits.cpu())
+                n += ref.plogp.numel()
     return total / n
 
 
@@ -1026,8 +1025,8 @@ def fit_best(model: nn.Module, plan, windows: torch.Tensor, *, holdout: torch.Te
         if windows.shape[0] - n_held < 1:
             raise DataError(f"need more than {n_held} calibration windows to hold {n_held} out")
         fit_w, held = windows[:-n_held], windows[-n_held:]
-    full_lp = _full_logprobs(model, held, batch_size)
-    scores = {"none": kl_to_full(model, plan, None, held, batch_size=batch_size, full_logprobs=full_lp)}
+    full = _full_reference(model, held, batch_size)
+    scores = {"none": kl_to_full(model, plan, None, held, batch_size=batch_size, reference=full)}
     fitted = {}
     ridges = tuple(ridges) if ridges else (fit_kw.pop("ridge", DEFAULT_RIDGE),)
     fit_kw.pop("ridge", None)
@@ -1036,7 +1035,7 @@ def fit_best(model: nn.Module, plan, windows: torch.Tensor, *, holdout: torch.Te
             key = m if len(ridges) == 1 else f"{m}@ridge={rd:g}"
             fitted[key] = fit_compensation(model, plan, fit_w, mode=m, ridge=rd, batch_size=batch_size,
                                            progress=progress, **fit_kw)
-            scores[key] = kl_to_full(model, plan, fitted[key], held, batch_size=batch_size, full_logprobs=full_lp)
+            scores[key] = kl_to_full(model, plan, fitted[key], held, batch_size=batch_size, reference=full)
     best = min(fitted, key=lambda k: scores[k])
     comp = fitted[best]
     if refit:

@@ -42,6 +42,7 @@ from . import distributed
 from .adapters import decoder_layers, find_moe_layers
 from .patching import apply
 from .data import fingerprint_tokens
+from .divergence import Reference
 from .errors import FileFormatError, ProfileError
 from .io import atomic_write_json, load_json
 from .plan import check_fingerprint, fingerprint, full_plan
@@ -164,15 +165,11 @@ class _Cache:
 # ------------------------------------------------------------------------------------------------
 
 
-def _batch_metrics(logits: torch.Tensor, ref_p: torch.Tensor, ref_plogp: torch.Tensor, ref_nll: torch.Tensor,
+def _batch_metrics(logits: torch.Tensor, ref: Reference, ref_nll: torch.Tensor,
                    targets: torch.Tensor) -> tuple[float, float]:
-    """Summed (NLL increase, KL(full || candidate)) over all scored positions of a batch, in float64.
-
-    KL = sum p_ref log p_ref - sum p_ref log p_cand; the first term and p_ref are computed once per batch.
-    """
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    """Summed (NLL increase, KL(full || candidate)) over all scored positions of a batch, in float64."""
+    kl, logp = ref.kl(logits[:, :-1])
     nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    kl = ref_plogp - torch.einsum("bsv,bsv->bs", ref_p, logp)
     return float((nll.double() - ref_nll.double()).sum()), float(kl.double().sum())
 
 
@@ -256,7 +253,7 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
                     ref_logp = F.log_softmax(ref[:, :-1].float(), dim=-1)
                     ref_nll = -ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                     ref_p = ref_logp.exp()
-                    ref_plogp = (ref_p * ref_logp).sum(-1)
+                    reference = Reference(ref_p, (ref_p * ref_logp).sum(-1))
                     del ref, ref_logp
                     for l, j in todo:
                         d = dec_idx[l] if cached else 0
@@ -268,7 +265,7 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
                                 logits = model(x, use_cache=False).logits
                         finally:
                             cache.restore(d)
-                        dl, dk = _batch_metrics(logits, ref_p, ref_plogp, ref_nll, targets)
+                        dl, dk = _batch_metrics(logits, reference, ref_nll, targets)
                         row[l * nk + j], row[(L + l) * nk + j] = dl, dk
                         bar.update(1)
                     row[-1] = targets.numel()

@@ -20,10 +20,10 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import allocators
+from .divergence import Reference
 from .methods import AllocationContext, AllocationMethod, register_method
 
 
@@ -36,12 +36,11 @@ class PlanFitness:
 
         self.model, self.windows, self.batch_size = model, windows, batch_size
         self.token_policy = token_policy
-        self.ref: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (p, sum p log p)
+        self.ref: list[Reference] = []  # per batch
         self.cache: dict[tuple[tuple[int, ...], int], float] = {}
         with apply(model, full_plan(model)), torch.no_grad():
             for b in range(0, len(windows), batch_size):
-                logp = F.log_softmax(model(windows[b:b + batch_size], use_cache=False).logits.float(), dim=-1)
-                self.ref.append((logp.exp(), (logp.exp() * logp).sum(-1)))
+                self.ref.append(Reference.of(model(windows[b:b + batch_size], use_cache=False).logits))
 
     def __call__(self, ks: list[int], n_windows: int) -> float:
         key = (tuple(ks), n_windows)
@@ -58,11 +57,9 @@ class PlanFitness:
         with apply(self.model, plan, count_experts=False), torch.no_grad():
             for i, b in enumerate(range(0, min(n_windows, len(self.windows)), self.batch_size)):
                 x = self.windows[b:min(b + self.batch_size, n_windows)]
-                logp = F.log_softmax(self.model(x, use_cache=False).logits.float(), dim=-1)
-                p, plogp = self.ref[i]
-                p, plogp = p[: len(x)], plogp[: len(x)]
-                total += float((plogp - (p * logp).sum(-1)).double().sum())
-                n += plogp.numel()
+                ref = self.ref[i].head(len(x))
+                total += ref.kl_sum(self.model(x, use_cache=False).logits)
+                n += ref.plogp.numel()
         return total / n
 
 
