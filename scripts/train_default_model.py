@@ -612,6 +612,47 @@ def set_topk(model, k: int | dict[int, int]):
         gate.top_k = k[i] if isinstance(k, dict) else k
 
 
+def routed_diagnostics(model, ids: np.ndarray, seq: int, base: float) -> dict:
+    """Why halving costs what it costs: perplexity with every MoE layer at top-k for k = 0..K (k = 0: routed
+    experts' output replaced by zeros, the shared experts still run), and each MoE layer's routed output
+    norm relative to its shared experts' output norm (RMS over tokens, full top-K)."""
+    gates = moe_gates(model)
+    K = model.config.num_experts_per_tok
+    curve = {}
+    for k in range(0, K + 1):
+        hooks = []
+        if k == 0:
+            hooks = [model.model.layers[i].mlp.experts.register_forward_hook(lambda mod, a, out: torch.zeros_like(out))
+                     for i in gates]
+        set_topk(model, max(k, 1))
+        try:
+            curve[k] = math.exp(eval_loss(model, ids, seq))
+        finally:
+            for h in hooks:
+                h.remove()
+        print(f"every MoE layer at top-{k}: ppl {curve[k]:.3f} ({100 * (curve[k] / base - 1):+.2f}%)", flush=True)
+    set_topk(model, K)
+    sq = {i: {"routed": 0.0, "shared": 0.0} for i in gates}
+
+    def grab(i, part):
+        def hook(mod, args, out):
+            sq[i][part] += float(out.float().pow(2).sum())
+        return hook
+
+    hooks = [model.model.layers[i].mlp.experts.register_forward_hook(grab(i, "routed")) for i in gates]
+    hooks += [model.model.layers[i].mlp.shared_experts.register_forward_hook(grab(i, "shared")) for i in gates]
+    try:
+        eval_loss(model, ids, seq, max_windows=16)
+    finally:
+        for h in hooks:
+            h.remove()
+    ratio = {str(i): math.sqrt(v["routed"] / v["shared"]) for i, v in sq.items()}
+    print("routed / shared output RMS per MoE layer: " + ", ".join(f"{r:.2f}" for r in ratio.values()), flush=True)
+    return {"tokens": int(len(ids)), "uniform_topk_ppl": {str(k): v for k, v in curve.items()},
+            "uniform_topk_rel_increase": {str(k): v / base - 1 for k, v in curve.items()},
+            "routed_over_shared_rms": ratio}
+
+
 def cmd_eval(args):
     """The model's budget sensitivity, on all tokens of the shipped validation and out-of-domain splits:
     full top-K vs uniform top-ceil(K/2) on both, and each MoE layer alone at top-ceil(K/2) on validation."""
@@ -650,6 +691,7 @@ def cmd_eval(args):
     res["single_layer_spread"] = {"min": min(inc), "max": max(inc), "max_over_min": max(inc) / min(inc)
                                   if min(inc) > 0 else None}
     print(f"single-layer spread: {100 * min(inc):+.2f}% .. {100 * max(inc):+.2f}%", flush=True)
+    res["diagnostics"] = routed_diagnostics(model, val[: args.per_layer_tokens + 1], args.seq, val_base)
 
     gens = []
     for prompt in PROMPTS:
