@@ -116,7 +116,8 @@ def test_default_model_loads_in_stored_dtype():
 def test_half_budget_costs_perplexity(model, tok):
     """What makes the model a testbed: uniform top-ceil(K/2) in every MoE layer (the `fixed` policy, run
     through allocmoe.apply, so really half the routed matmuls) must cost validation perplexity. The shipped
-    model costs +5.2% on the whole validation split (TRAINING.md); the first 8k tokens (+4.6%) must cost at least 3%; the previous checkpoint (+0.25%) failed this."""
+    model costs +6.7% on the first 8k tokens of the validation split (TRAINING.md has the whole split);
+    at least 5% is required (the previous, 6-MoE-layer model cost +4.6% on its own split and was held to 3%)."""
     import math
 
     import allocmoe
@@ -130,4 +131,4 @@ def test_half_budget_costs_perplexity(model, tok):
     with allocmoe.apply(model, plan) as h:
         half = perplexity(model, tok, text, max_tokens=8192, progress=False)["perplexity"]
         assert h.counts()["cumulative"]["activations_per_token"] == pytest.approx(n_moe * math.ceil(k / 2))
-    assert half / full - 1 >= 0.03
+    assert half / full - 1 >= 0.05
