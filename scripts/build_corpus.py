@@ -654,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     train = set(splits["train"])
     for split in ("validation", "calibration"):
         leaked = sum(c in train for c in v1_splits[split])
-        kept = sum(c in set(splits[split]) for c in v1_splits[split])
+        held = set(splits[split])
+        kept = sum(c in held for c in v1_splits[split])
         summary["v1_splits"][split] = {"chunks": len(v1_splits[split]), "in_v2_train": leaked,
                                        f"in_v2_{split}": kept}
         print(f"  v1 {split}: {len(v1_splits[split])} chunks, {kept} in v2 {split}, {leaked} in v2 train", flush=True)

@@ -618,8 +618,8 @@ def routed_diagnostics(model, ids: np.ndarray, seq: int, base: float) -> dict:
     norm relative to its shared experts' output norm (RMS over tokens, full top-K)."""
     gates = moe_gates(model)
     K = model.config.num_experts_per_tok
-    curve = {}
-    for k in range(0, K + 1):
+    curve = {K: base}  # full top-K: the reference, measured by the caller on the same tokens
+    for k in range(0, K):
         hooks = []
         if k == 0:
             hooks = [model.model.layers[i].mlp.experts.register_forward_hook(lambda mod, a, out: torch.zeros_like(out))
@@ -632,6 +632,7 @@ def routed_diagnostics(model, ids: np.ndarray, seq: int, base: float) -> dict:
                 h.remove()
         print(f"every MoE layer at top-{k}: ppl {curve[k]:.3f} ({100 * (curve[k] / base - 1):+.2f}%)", flush=True)
     set_topk(model, K)
+    curve = dict(sorted(curve.items()))
     sq = {i: {"routed": 0.0, "shared": 0.0} for i in gates}
 
     def grab(i, part):

@@ -287,16 +287,16 @@ def run(
                     ("eval-tokens", eval_tokens)):
         if v < seq_len:
             raise AllocMoeError(f"--{name} must be at least one window (--seq-len {seq_len}), got {v}")
+    if policy_aware and no_ablation:
+        raise AllocMoeError("--policy-aware adds a row to the ablation; it cannot go with --no-ablation")
+    if threads is not None and threads < 1:
+        raise AllocMoeError(f"--threads must be at least 1, got {threads}")
     s = RunSettings(budgets=bl, metric=metric, renormalize=renormalize, calibration_tokens=calibration_tokens,
                     policy_calibration_tokens=policy_calibration_tokens, eval_tokens=eval_tokens,
                     ood_tokens=ood_tokens, ood_data=[] if ood_tokens == 0 else None, seq_len=seq_len, task_examples=task_examples,
                     tasks=[str(t) for t in task] if task else None, data=[str(d) for d in data] if data else None,
                     calibration_data=[str(d) for d in calibration_data] if calibration_data else None,
                     speed=not no_speed, ablation=not no_ablation, policy_aware=policy_aware, threads=threads)
-    if policy_aware and no_ablation:
-        raise AllocMoeError("--policy-aware adds a row to the ablation; it cannot go with --no-ablation")
-    if threads is not None and threads < 1:
-        raise AllocMoeError(f"--threads must be at least 1, got {threads}")
     run_job(model, out_dir, s, force=force, dtype=dtype,
             load_kwargs=_load_kwargs(device_map, max_memory, offload_dir))
 

@@ -192,6 +192,13 @@ class _Map:
         return self._cache[key]
 
 
+def _add_cost(cost: dict, m, n: int, H: int, lookups: int) -> None:
+    """Work of one map on n tokens: 2 R H multiply-adds each, H bias adds each, H per dropped expert looked up."""
+    cost["macs"] += n * 2 * m.rank * H + lookups * H
+    cost["bias_adds"] += n * H
+    cost["compensated_tokens"] += n
+
+
 class Compensation:
     """Per MoE layer, per kept count c: a low-rank affine map predicting the dropped experts' output.
 
@@ -273,9 +280,6 @@ class Compensation:
             A, B, cb, C, cb_mean = m.folded(x.dtype, x.device)
             idx = None if n == T else (counts == c).nonzero().squeeze(1)
             xs = x if idx is None else x[idx]
-            cost["macs"] += n * 2 * m.rank * H
-            cost["bias_adds"] += n * H
-            cost["compensated_tokens"] += n
             if C is None or dropped is None:
                 d = (xs @ A) @ B + (cb if C is None else cb_mean)
             else:
@@ -285,7 +289,7 @@ class Compensation:
                 # sum_j w_j C[e_j] without materialising [t, J, H]: a weighted embedding bag
                 look = F.embedding_bag(di.clamp(min=0), C, per_sample_weights=(dw * live).to(C.dtype), mode="sum")
                 d = (xs @ A) @ B + cb + look
-                cost["macs"] += int(live.sum()) * H
+            _add_cost(cost, m, n, H, int(live.sum()) if C is not None and dropped is not None else 0)
             if idx is None:
                 out = d
             else:
@@ -296,17 +300,13 @@ class Compensation:
         """Work `delta(l, ., counts, dropped)` executes: 2 R H multiply-adds per compensated token, plus H per
         dropped expert looked up (maps with router features), plus H bias adds."""
         counts = counts.reshape(-1)
-        H = self.hidden_size
-        macs = adds = n = 0
+        cost = {"macs": 0, "bias_adds": 0, "compensated_tokens": 0}
         for c, m in self.maps[l].items():
             sel = counts == c
-            k = int(sel.sum())
-            macs += k * 2 * m.rank * H
-            if m.C is not None and dropped is not None and k:
-                macs += int((dropped[0][sel] >= 0).sum()) * H
-            adds += k * H
-            n += k
-        return {"macs": macs, "bias_adds": adds, "compensated_tokens": n}
+            n = int(sel.sum())
+            lookups = int((dropped[0][sel] >= 0).sum()) if m.C is not None and dropped is not None and n else 0
+            _add_cost(cost, m, n, self.hidden_size, lookups)
+        return cost
 
     def flops_per_token(self, l: int, counts: torch.Tensor) -> float:
         """Compensation multiply-adds per real token (count >= 1) of layer l for these counts."""

@@ -18,7 +18,11 @@ class Reference(NamedTuple):
 
     @classmethod
     def of(cls, logits: torch.Tensor) -> "Reference":
-        logp = F.log_softmax(logits.float(), dim=-1)
+        return cls.from_logp(F.log_softmax(logits.float(), dim=-1))
+
+    @classmethod
+    def from_logp(cls, logp: torch.Tensor) -> "Reference":
+        """From the full model's log-probs (when the caller also needs them, e.g. for its NLL)."""
         p = logp.exp()
         return cls(p, (p * logp).sum(-1))
 

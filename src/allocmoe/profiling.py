@@ -252,8 +252,7 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
                             h.remove()
                     ref_logp = F.log_softmax(ref[:, :-1].float(), dim=-1)
                     ref_nll = -ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                    ref_p = ref_logp.exp()
-                    reference = Reference(ref_p, (ref_p * ref_logp).sum(-1))
+                    reference = Reference.from_logp(ref_logp)
                     del ref, ref_logp
                     for l, j in todo:
                         d = dec_idx[l] if cached else 0
