@@ -21,11 +21,12 @@ Deterministic and re-runnable.  Steps:
      for zText/zCom or ``<III`` (12 bytes) for zText4/zCom4, pointing into the
      *decompressed* block.  OSIS / ThML / GBF markup is stripped, footnotes and
      cross references dropped.
-   * ``dict-gcide`` (GCIDE / Webster 1913), ``dict-jargon`` (the Jargon File),
-     ``dict-devil`` (Bierce's Devil's Dictionary) -- dictd databases: a
+   * ``dict-jargon`` (the Jargon File), ``dict-devil`` (Bierce's Devil's Dictionary),
+     ``dict-wn`` (WordNet 3.0 glosses; training split only) -- dictd databases: a
      ``.index`` of ``headword<TAB>offset<TAB>length`` (dictd base64 numbers)
      into the gzip-compatible ``.dict.dz``; dictionary markup is stripped to
-     readable definition prose (:func:`gcide_entry_to_text`).
+     readable definition prose (:func:`dictd_entry_to_text`, :func:`wordnet_entry_to_text`).
+   Corpus v3 drops GCIDE (GPL-2+): nothing shipped or trained on comes from it.
 3. Cut every source into contiguous chunks of whole paragraphs (>= CHUNK_CHARS
    characters) and assign each chunk to a split by a hash of
    ``"<source>:<chunk index>"`` (see :func:`split_of`).
@@ -75,10 +76,14 @@ SWORD_PACKAGES = [
 ]
 #: dictd databases (``usr/share/dictd/<name>.index`` + ``<name>.dict.dz``): package -> database name.
 DICTD_PACKAGES = {
-    "dict-gcide": "gcide",
     "dict-jargon": "jargon",
     "dict-devil": "devil",
+    "dict-wn": "wn",
 }
+#: Sources used for training only: every chunk goes to the training split, none to the shipped
+#: held-out splits.  WordNet's licence is permissive but asks for its notice on every copy of the
+#: database, so none of its text is shipped.  (GCIDE, GPL-2+, was dropped in corpus v3.)
+TRAIN_ONLY_SOURCES = {"dictd-wn"}
 #: Debian packages used (Debian 12 "bookworm", main).
 PACKAGES = ["r-cran-janeaustenr", *SWORD_PACKAGES, *DICTD_PACKAGES]
 
@@ -397,37 +402,31 @@ def blocks_to_paragraphs(text: str) -> list[str]:
     return paras
 
 
-_GCIDE_PRON = re.compile(r"^(?P<head>[^\\\n]+?) \\[^\\\n]*\\(?: ?\([^)\n]*\))?", flags=re.MULTILINE)
 _BRACKETS = re.compile(r"\[[^\[\]]*\]")
-_ATTRIB = re.compile(r"\s*--\s*(?=[A-Z])")
 _BRACES = re.compile(r"[{}]")
+_WN_SENSE = re.compile(r"^\s*(?:(?P<pos>n|v|adj|adv)\s+)?(?P<num>\d+):\s*", flags=re.MULTILINE)
 
 
-def gcide_entry_to_text(body: str) -> str:
-    """Readable prose from one GCIDE (dictd) entry.
+def wordnet_entry_to_text(head: str, body: str, seen: set[str]) -> str:
+    """One paragraph from a WordNet (dictd ``wn``) entry: ``headword (pos): gloss; gloss ...``.
 
-    Pronunciations (``Fer*ment"``) after each headword are removed, as are all
-    ``[...]`` groups (etymologies, ``[1913 Webster]`` / ``[PJC]`` source tags,
-    ``[Obs.]`` labels, inflection lists and ``[a^]``-style character codes),
-    cross-reference braces are dropped (``{Ferment}`` -> ``Ferment``), quotation
-    attributions ``--Milton.`` become ``-- Milton.``, and hard-wrapped lines
-    are joined into one paragraph per blank-line separated block.
-    """
-    text = _GCIDE_PRON.sub(lambda m: m.group("head"), body)
-    prev = None
-    while prev != text:  # innermost groups first (nested brackets)
-        prev, text = text, _BRACKETS.sub("", text)
-    text = _BRACES.sub("", text)
-    text = _ATTRIB.sub(" -- ", text)
-    paras = []
-    for p in blocks_to_paragraphs(text):
-        p = re.sub(r"\s+([,.;:])", r"\1", p)
-        p = re.sub(r"([,;:])(?:\s*[,;:])+", r"\1", p)  # punctuation left behind by removed groups
-        p = re.sub(r"\(\s*\)", "", p)
-        p = _SPACES.sub(" ", p).strip(" ,;")
-        if len(p) > 1 and re.search(r"[A-Za-z]{2}", p):
-            paras.append(p)
-    return "\n".join(paras)
+    ``[syn: ...]`` / ``[ant: ...]`` groups and cross-reference braces are dropped; a gloss already
+    emitted under another headword (WordNet repeats a synset's gloss under each of its words) is
+    skipped, via ``seen``.  Returns "" when nothing new is left."""
+    text = body.split("\n", 1)[1] if "\n" in body else ""
+    text = _BRACES.sub("", _BRACKETS.sub("", text))
+    senses, pos = [], None
+    parts = _WN_SENSE.split(text)  # [pre, pos, num, gloss, pos, num, gloss, ...]
+    for i in range(1, len(parts) - 2, 3):
+        pos = parts[i] or pos
+        gloss = _SPACES.sub(" ", " ".join(parts[i + 2].split())).strip(" ;")
+        if not gloss or gloss in seen:
+            continue
+        seen.add(gloss)
+        senses.append((pos, gloss))
+    if not senses:
+        return ""
+    return f"{head.strip()}: " + "; ".join(f"({p}) {g}" if p else g for p, g in senses) + "."
 
 
 def dictd_entry_to_text(head: str, body: str) -> str:
@@ -485,7 +484,7 @@ def assign_splits(sources: dict[str, str], min_chars: int = CHUNK_CHARS) -> dict
     labelled: dict[str, list[tuple[str, str]]] = {"train": [], "validation": [], "calibration": []}
     for name in sorted(sources):
         for i, chunk in enumerate(chunk_paragraphs(sources[name], min_chars)):
-            labelled[split_of(name, i)].append((name, chunk))
+            labelled["train" if name in TRAIN_ONLY_SOURCES else split_of(name, i)].append((name, chunk))
     return {split: [c for _, c in (pairs if split == "train" else interleave(pairs))]
             for split, pairs in labelled.items()}
 
@@ -560,7 +559,7 @@ def extract_deb(deb: Path, dest: Path) -> Path:
 
 
 DICTD_TITLES = {
-    "gcide": "GNU Collaborative International Dictionary of English (Webster 1913 + WordNet 1.5 glosses)",
+    "wn": "WordNet 3.0 glosses (Princeton University; WordNet 3.0 licence)",
     "jargon": "The Jargon File 4.4.7 (the hacker lexicon)",
     "devil": "Ambrose Bierce, The Devil's Dictionary (1911)",
 }
@@ -569,8 +568,10 @@ DICTD_TITLES = {
 def read_dictd_source(pkg_root: Path, db: str) -> str:
     d = pkg_root / "usr/share/dictd"
     entries = read_dictd((d / f"{db}.index").read_bytes(), gzip.decompress((d / f"{db}.dict.dz").read_bytes()))
-    conv = (lambda h, b: gcide_entry_to_text(b)) if db == "gcide" else dictd_entry_to_text
-    return "\n".join(t for t in (conv(h, b) for h, b in entries) if t)
+    if db == "wn":
+        seen: set[str] = set()
+        return "\n".join(t for t in (wordnet_entry_to_text(h, b, seen) for h, b in entries) if t)
+    return "\n".join(t for t in (dictd_entry_to_text(h, b) for h, b in entries) if t)
 
 
 def read_sources(extract: dict[str, Path]) -> Iterator[tuple[str, str, str]]:

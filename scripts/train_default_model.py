@@ -143,7 +143,51 @@ def encode_file(tok, path: Path, cache: Path | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def make_config(vocab_size: int, eot_id: int, **over):
+def make_qwen3_moe_config(vocab_size: int, eot_id: int, **over):
+    """The second built-in model (issue 20): a stock Qwen3-MoE -- every layer MoE, softmax top-8 of 64
+    fine-grained experts with renormalised weights, no shared experts, grouped-query attention with
+    QK-norm -- trained with the family's usual recipe (routers trained like every other weight, a
+    load-balancing loss), not one tuned to flatten the routers."""
+    from transformers import Qwen3MoeConfig
+
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=768,  # unused (no dense layers), kept for completeness
+        moe_intermediate_size=48,
+        num_hidden_layers=12,
+        num_experts=64,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        router_aux_loss_coef=0.01,
+        output_router_logits=False,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        pad_token_id=eot_id,
+        use_cache=True,
+    )
+    kw.update(over)
+    return Qwen3MoeConfig(**kw)
+
+
+def n_experts(cfg) -> int:
+    """Routed experts per MoE layer, whatever the family calls it."""
+    return getattr(cfg, "n_routed_experts", None) or cfg.num_experts
+
+
+def make_config(vocab_size: int, eot_id: int, family: str = "deepseek_v2", **over):
+    if family == "qwen3_moe":
+        return make_qwen3_moe_config(vocab_size, eot_id, **over)
     from transformers import DeepseekV2Config
 
     kw = dict(
@@ -283,12 +327,12 @@ def eval_loss(model, data: np.ndarray, seq: int, max_windows: int | None = None,
     return tot / cnt
 
 
-def build_model(tok, seed: int, experts_impl: str | None = None, **over):
-    from transformers import DeepseekV2ForCausalLM
+def build_model(tok, seed: int, experts_impl: str | None = None, family: str = "deepseek_v2", **over):
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = make_config(len(tok), tok.convert_tokens_to_ids(EOT), **over)
-    model = DeepseekV2ForCausalLM(cfg)
+    cfg = make_config(len(tok), tok.convert_tokens_to_ids(EOT), family, **over)
+    model = AutoModelForCausalLM.from_config(cfg)
     if experts_impl:
         model.set_experts_implementation(experts_impl)
     return model
@@ -314,7 +358,7 @@ def train_loop(args, bench_seconds: float | None = None):
     train_file = args.train_file
     data = encode_file(tok, train_file, ids_cache(train_file, tok))
     val = encode_file(tok, VAL_TXT, ids_cache(VAL_TXT, tok))  # keyed by size+mtime: a new split, a new cache
-    model = build_model(tok, args.seed, args.experts_impl, **shape_overrides(args))
+    model = build_model(tok, args.seed, args.experts_impl, args.family, **shape_overrides(args))
     cfg = model.config
     with torch.no_grad():  # seeded router init; its std sets how flat the top-6 weights start (module docstring)
         g = torch.Generator().manual_seed(args.seed + 1)
@@ -394,7 +438,7 @@ def train_loop(args, bench_seconds: float | None = None):
         with autocast:
             logits = model(input_ids=x[:, :-1]).logits
         ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        bal = cap.balance_loss(cfg.n_routed_experts, cfg.num_experts_per_tok)
+        bal = cap.balance_loss(n_experts(cfg), cfg.num_experts_per_tok)
         zl = cap.z_loss() if args.zloss > 0 else torch.zeros(())
         loss = ce + args.aux * bal + args.zloss * zl
         opt.zero_grad(set_to_none=True)
@@ -402,7 +446,7 @@ def train_loop(args, bench_seconds: float | None = None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema = ce.item() if ema is None else 0.98 * ema + 0.02 * ce.item()
-        u = cap.usage(cfg.n_routed_experts)
+        u = cap.usage(n_experts(cfg))
         usage_acc = u if usage_acc is None else {k: usage_acc[k] + u[k] for k in u}
         pbar.set_postfix(loss=f"{ema:.3f}", bal=f"{bal.item():.3f}", z=f"{zl.item():.2f}", lr=f"{lr:.2e}", refresh=False)
         if bench_seconds is not None and time.time() - t_start > bench_seconds:
@@ -459,9 +503,9 @@ def load_weights_from(model, src: Path):
     from transformers import AutoModelForCausalLM
 
     src_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    for key in ("num_hidden_layers", "n_routed_experts", "moe_intermediate_size", "n_shared_experts",
-                "hidden_size", "intermediate_size", "vocab_size", "num_experts_per_tok"):
-        a, b = getattr(src_model.config, key), getattr(model.config, key)
+    for key in ("model_type", "num_hidden_layers", "n_routed_experts", "num_experts", "moe_intermediate_size",
+                "n_shared_experts", "hidden_size", "intermediate_size", "vocab_size", "num_experts_per_tok"):
+        a, b = getattr(src_model.config, key, None), getattr(model.config, key, None)
         if a != b:
             raise SystemExit(f"--init-from {src}: {key} is {a} there but {b} here (pass the same shape flags)")
     model.load_state_dict(src_model.state_dict(), strict=True)
@@ -502,7 +546,11 @@ class _null:
 
 
 def shape_overrides(args) -> dict:
-    """Config overrides from the command line's shape flags."""
+    """Config overrides from the command line's shape flags (defaults: the family's config)."""
+    if args.family == "qwen3_moe":
+        over = dict(num_experts=args.experts, num_experts_per_tok=args.top_k, moe_intermediate_size=args.expert_width,
+                    num_hidden_layers=args.layers)
+        return {k: v for k, v in over.items() if v is not None}
     return dict(
         routed_scaling_factor=args.routed_scale,
         n_routed_experts=args.experts,
@@ -550,7 +598,26 @@ def cmd_train(args):
     n_params = sum(p.numel() for p in model.parameters())
     size = sum(f.stat().st_size for f in args.out_dir.glob("*.safetensors"))
     cfg = model.config
-    md = f"""# allocmoe default model -- training record
+    if args.family == "qwen3_moe":
+        table = f"""# allocmoe built-in Qwen3-MoE model -- training record
+
+Tiny Qwen3-MoE language model (stock `transformers` `Qwen3MoeForCausalLM`, no remote code), trained from
+scratch on the corpus in `src/allocmoe/assets/data/SOURCES.md` (v3: no GCIDE).
+
+| | |
+|---|---|
+| layers | {cfg.num_hidden_layers} (all MoE) |
+| hidden size | {cfg.hidden_size} |
+| attention | GQA, {cfg.num_attention_heads} heads, {cfg.num_key_value_heads} KV heads, head dim {cfg.head_dim}, QK-norm |
+| routed experts | {cfg.num_experts} x {cfg.moe_intermediate_size}, softmax top-{cfg.num_experts_per_tok}, norm_topk_prob={cfg.norm_topk_prob} |
+| shared experts | none |
+| vocab | {cfg.vocab_size} (the built-in DeepSeek-V2 model's tokenizer) |
+| parameters | {n_params / 1e6:.2f} M (tied embeddings) |
+| checkpoint | {size / 1e6:.1f} MB bf16 safetensors |
+
+"""
+    else:
+        table = f"""# allocmoe default model -- training record
 
 Tiny DeepSeek-V2 Mixture-of-Experts language model (stock `transformers`
 `DeepseekV2ForCausalLM`, no remote code), trained from scratch on the
@@ -568,7 +635,8 @@ public-domain English prose corpus in `src/allocmoe/assets/data/SOURCES.md`.
 | parameters | {n_params / 1e6:.2f} M (tied embeddings) |
 | checkpoint | {size / 1e6:.1f} MB bf16 safetensors |
 
-## Training
+"""
+    md = table + f"""## Training
 
 * command: `{cmd}` (after `scripts/build_corpus.py` and `scripts/train_default_model.py tokenizer`)
 * hardware: {args.threads} CPU thread(s) (`torch.set_num_threads({args.threads})`), {'bf16 autocast' if args.bf16 else 'fp32'}
@@ -641,13 +709,14 @@ def routed_diagnostics(model, ids: np.ndarray, seq: int, base: float) -> dict:
         return hook
 
     hooks = [model.model.layers[i].mlp.experts.register_forward_hook(grab(i, "routed")) for i in gates]
-    hooks += [model.model.layers[i].mlp.shared_experts.register_forward_hook(grab(i, "shared")) for i in gates]
+    hooks += [model.model.layers[i].mlp.shared_experts.register_forward_hook(grab(i, "shared")) for i in gates
+              if getattr(model.model.layers[i].mlp, "shared_experts", None) is not None]
     try:
         eval_loss(model, ids, seq, max_windows=16)
     finally:
         for h in hooks:
             h.remove()
-    ratio = {str(i): math.sqrt(v["routed"] / v["shared"]) for i, v in sq.items()}
+    ratio = {str(i): math.sqrt(v["routed"] / v["shared"]) for i, v in sq.items() if v["shared"] > 0}
     print("routed / shared output RMS per MoE layer: " + ", ".join(f"{r:.2f}" for r in ratio.values()), flush=True)
     return {"tokens": int(len(ids)), "uniform_topk_ppl": {str(k): v for k, v in curve.items()},
             "uniform_topk_rel_increase": {str(k): v / base - 1 for k, v in curve.items()},
@@ -741,12 +810,14 @@ def main(argv=None):
             help="routed_scaling_factor (DeepSeek-V2 uses 16, V2-Lite 1): top-6 softmax weights over 48 "
             "experts sum to well below 1, this keeps the routed path O(1)",
         )
-        p.add_argument("--experts", type=int, default=48, help="routed experts per MoE layer")
-        p.add_argument("--top-k", type=int, default=6, help="experts per token")
-        p.add_argument("--expert-width", type=int, default=64, help="moe_intermediate_size")
+        p.add_argument("--family", choices=["deepseek_v2", "qwen3_moe"], default="deepseek_v2",
+                       help="model family: deepseek_v2 (the built-in default model) or qwen3_moe (builtin:qwen3-moe)")
+        p.add_argument("--experts", type=int, default=None, help="routed experts per MoE layer (deepseek_v2: 48)")
+        p.add_argument("--top-k", type=int, default=None, help="experts per token (deepseek_v2: 6)")
+        p.add_argument("--expert-width", type=int, default=None, help="moe_intermediate_size (deepseek_v2: 64)")
         p.add_argument("--shared", type=int, default=1, help="shared experts")
         p.add_argument("--dense-width", type=int, default=768, help="intermediate_size of the dense first layer")
-        p.add_argument("--layers", type=int, default=7, help="num_hidden_layers (the first is dense)")
+        p.add_argument("--layers", type=int, default=None, help="num_hidden_layers (deepseek_v2: 7, the first dense)")
         p.add_argument("--tokenizer", type=Path, default=None,
                        help="tokenizer dir (default: corpus_build/tokenizer if present, else the built-in model's)")
         p.add_argument("--train-file", type=Path, default=BUILD / "train.txt", help="training text")
@@ -781,6 +852,10 @@ def main(argv=None):
     e.add_argument("--per-layer-tokens", type=int, default=32768,
                    help="validation tokens (a prefix; the split is interleaved across sources) for each layer alone")
     args = ap.parse_args(argv)
+    if getattr(args, "family", None) == "deepseek_v2":  # the historical defaults of the DeepSeek-V2 recipe
+        for name, default in (("experts", 48), ("top_k", 6), ("expert_width", 64), ("layers", 7)):
+            if getattr(args, name) is None:
+                setattr(args, name, default)
     if getattr(args, "tokenizer", "x") is None:
         args.tokenizer = TOK_DIR if (TOK_DIR / "tokenizer.json").exists() else OUT_DIR
     {"tokenizer": cmd_tokenizer, "train": cmd_train, "bench": cmd_bench, "eval": cmd_eval}[args.cmd](args)

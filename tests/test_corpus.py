@@ -246,26 +246,23 @@ def test_read_dictd_order_dedup_and_meta(tmp_path):
     assert bc.read_dictd_source(tmp_path, "devil") == "ZEBRA, n. A striped horse.\nAPPLE, n. A fruit."
 
 
-def test_gcide_entry_to_text():
-    body = (
-        'Ferment \\Fer*ment"\\, v. t. [imp. & p. p. {Fermented}; p. pr. &\n'
-        "   vb. n. {Fermenting}.] [L. fermentare, fermentatum: cf. F.\n"
-        "   fermenter. See {Ferment}, n.]\n"
-        "   To cause ferment or fermentation in; to set in motion. [R.]\n"
-        "   [1913 Webster]\n"
-        "\n"
-        "         Ye vigorous swains! while youth ferments your blood.\n"
-        "                                                  --Pope.\n"
-        "   [1913 Webster]\n"
-    )
-    assert bc.gcide_entry_to_text(body) == (
-        "Ferment, v. t. To cause ferment or fermentation in; to set in motion.\n"
-        "Ye vigorous swains! while youth ferments your blood. -- Pope."
-    )
-    odd = 'Abiliment \\A*bil"i*ment\\ ([.a]*b[i^]l"[i^]*ment), n.\n   Habiliment. [Obs.]\n   [1913 Webster]\n'
-    assert bc.gcide_entry_to_text(odd) == "Abiliment, n. Habiliment."
-    # nested brackets and tag-only blocks disappear
-    assert bc.gcide_entry_to_text("Syn: zero [a [b] c]\n\n   [WordNet 1.5 +PJC]\n") == "Syn: zero"
+def test_wordnet_entry_to_text_dedups_synset_glosses():
+    seen: set[str] = set()
+    body = ("'tween\n    adv 1: in between; \"two houses with a tree between\" [syn:\n"
+            "           {between}, {'tween}]\n")
+    assert bc.wordnet_entry_to_text("'tween", body, seen) == "'tween: (adv) in between; \"two houses with a tree between\"."
+    # the same synset's gloss under another headword is not repeated
+    assert bc.wordnet_entry_to_text("between", body.replace("'tween\n", "between\n", 1), seen) == ""
+    two = "bank\n    n 1: sloping land [syn: {bank}]\n    2: a financial institution\n    v 1: tip laterally\n"
+    assert bc.wordnet_entry_to_text("bank", two, seen) == (
+        "bank: (n) sloping land; (n) a financial institution; (v) tip laterally.")
+
+
+def test_no_gpl_source_and_train_only_sources_never_held_out():
+    assert "dict-gcide" not in bc.PACKAGES  # corpus v3: GCIDE (GPL-2+) is neither shipped nor trained on
+    out = bc.assign_splits({"dictd-wn": "w\n" * 4000, "sword-KJV": "p\n" * 4000}, min_chars=4)
+    assert not any(c.startswith("w") for s in ("validation", "calibration") for c in out[s])
+    assert any(c.startswith("p") for s in ("validation", "calibration") for c in out[s])
 
 
 def test_dictd_entry_to_text():
@@ -291,7 +288,7 @@ def test_ood_source_is_not_chunked_into_splits():
     assert bc.OOD_SOURCE == "dictd-devil" and bc.DICTD_PACKAGES["dict-devil"] == "devil"
     # the v1 sources and split rule are unchanged: their chunk assignment does not depend on new sources
     a = bc.assign_splits({"sword-KJV": "p\n" * 10}, min_chars=4)
-    b = bc.assign_splits({"sword-KJV": "p\n" * 10, "dictd-gcide": "q\n" * 10}, min_chars=4)
+    b = bc.assign_splits({"sword-KJV": "p\n" * 10, "dictd-jargon": "q\n" * 10}, min_chars=4)
     for split in a:
         assert all(c in b[split] for c in a[split])
 

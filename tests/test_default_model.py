@@ -40,7 +40,7 @@ def test_shipped_splits_disjoint():
 def test_sources_documented():
     text = (DATA_DIR / "SOURCES.md").read_text(encoding="utf-8")
     for pkg in ("r-cran-janeaustenr", "sword-text-web", "sword-text-kjv", "sword-comm-tdavid", "sword-comm-mhcc",
-                "sword-comm-scofield", "dict-gcide", "dict-jargon", "dict-devil"):
+                "sword-comm-scofield", "dict-jargon", "dict-devil", "dict-wn"):
         assert pkg in text
 
 
