@@ -19,16 +19,43 @@ from .errors import DependencyError, ModelLoadError, SettingsError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+#: The built-in models: `builtin:<name>` -> folder under assets/. The first is the default (no --model).
+BUILTIN_MODELS = {
+    "deepseek-v2": "default_model",  # DeepSeek-V2 architecture: MLA, 2 shared experts, top-6 of 64
+    "qwen3-moe": "qwen3_moe_model",  # Qwen3-MoE architecture: GQA, no shared experts, top-8 of 64
+}
+DEFAULT_BUILTIN = "deepseek-v2"
+BUILTIN_PREFIX = "builtin:"
+
+
+def builtin_model_dir(name: str = DEFAULT_BUILTIN) -> Path:
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(f"unknown built-in model {BUILTIN_PREFIX}{name} (choose from "
+                             f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)})", param="model")
+    return Path(str(resources.files("allocmoe") / "assets" / BUILTIN_MODELS[name]))
+
+
 def default_model_dir() -> Path:
-    return Path(str(resources.files("allocmoe") / "assets" / "default_model"))
+    return builtin_model_dir(DEFAULT_BUILTIN)
+
+
+def builtin_name(spec: str | os.PathLike | None) -> str | None:
+    """The built-in model a spec names (None, "", "default", "builtin" -> the default), else None."""
+    if spec is None or str(spec) in ("", "default", "builtin"):
+        return DEFAULT_BUILTIN
+    s = str(spec)
+    return s[len(BUILTIN_PREFIX):] if s.startswith(BUILTIN_PREFIX) else None
 
 
 def resolve(spec: str | os.PathLike | None) -> str:
-    """A local directory path (absolute) or a hub id. None means the built-in model."""
-    if spec is None or str(spec) in ("", "default", "builtin"):
-        d = default_model_dir()
+    """A local directory path (absolute) or a hub id. None means the built-in model; `builtin:NAME` names
+    one of the built-in models (`BUILTIN_MODELS`)."""
+    name = builtin_name(spec)
+    if name is not None:
+        d = builtin_model_dir(name)
         if not (d / "config.json").exists():
-            raise ModelLoadError(f"the built-in model is missing from {d} (reinstall allocmoe or give a model)", param="model")
+            raise ModelLoadError(f"the built-in model {BUILTIN_PREFIX}{name} is missing from {d} "
+                                 "(reinstall allocmoe or give a model)", param="model")
         return str(d)
     s = str(spec)
     p = Path(s).expanduser()
