@@ -118,19 +118,19 @@ def load_shape(spec: str, dtype: str):
 def serve_shape(args):
     """Server process for a shape: `allocmoe serve`'s app (build_app + uvicorn) on a seeded shape model."""
     import torch
-    import uvicorn
 
     import allocmoe
-    from allocmoe.serving import bind_socket, build_app
+    from allocmoe.serving import ServeLimits, bind_socket, build_app, make_server
 
     torch.set_num_threads(args.threads)
     sock = bind_socket("127.0.0.1", args.port)
     model, tok = load_shape(args.serve_shape, args.dtype)
     plan = allocmoe.Plan.load(args.plan) if args.plan else allocmoe.full_plan(model)
     handle = allocmoe.apply(model, plan, count_experts=False)
-    app, shutdown = build_app(model, tok, handle, served_name="bench")
+    limits = ServeLimits()
+    app, shutdown = build_app(model, tok, handle, served_name="bench", limits=limits)
     try:
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        make_server(app, limits).run(sockets=[sock])  # what `allocmoe serve` runs (SIGTERM drains, then exits)
     finally:
         shutdown()
         handle.remove()
@@ -149,11 +149,13 @@ def wait_ready(proc, url, timeout=600):
     raise SystemExit("server did not start")
 
 
-async def one_request(client, prompt, max_tokens):
+async def one_request(client, prompt, max_tokens, pin_length=True):
+    # exactly max_tokens per request (no early EOS); continuous batching refuses per-request generation configs
     gen = json.dumps({"max_new_tokens": max_tokens, "min_new_tokens": max_tokens, "do_sample": False})
     t0 = time.perf_counter()
     stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, stream=True,
-                                             extra_body={"generation_config": gen})
+                                             temperature=0,
+                                             extra_body={"generation_config": gen} if pin_length else None)
     times, usage = [], None
     async for ch in stream:
         if ch.choices and ch.choices[0].text:
@@ -165,7 +167,7 @@ async def one_request(client, prompt, max_tokens):
             "activations_per_token": getattr(usage, "activations_per_token", None) if usage else None}
 
 
-async def run_phase(url, n_clients, prompts, max_tokens):
+async def run_phase(url, n_clients, prompts, max_tokens, pin_length=True):
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="-", max_retries=0, timeout=600)
@@ -174,7 +176,7 @@ async def run_phase(url, n_clients, prompts, max_tokens):
     async def worker():
         out = []
         while queue:
-            out.append(await one_request(client, queue.pop(0), max_tokens))
+            out.append(await one_request(client, queue.pop(0), max_tokens, pin_length))
         return out
 
     t0 = time.perf_counter()
@@ -284,12 +286,13 @@ def main():
     try:
         for name, (proc, url) in servers.items():
             wait_ready(proc, url)
-            asyncio.run(run_phase(url, 2, prompts[:2], args.max_tokens))  # warm-up
+            asyncio.run(run_phase(url, 2, prompts[:2], args.max_tokens, not args.continuous_batching))  # warm-up
         for rnd in range(args.rounds):
             order = ["full", "budget"] if rnd % 2 == 0 else ["budget", "full"]
             for n in conc:
                 for name in order:
-                    r = asyncio.run(run_phase(servers[name][1], n, prompts, args.max_tokens))
+                    r = asyncio.run(run_phase(servers[name][1], n, prompts, args.max_tokens,
+                                              not args.continuous_batching))
                     results[name][n].append(r)
                     print(f"round {rnd} N={n:>2} {name:>6}: {r['tokens'] / r['wall_s']:.1f} tok/s", file=sys.stderr)
     finally:

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import allocmoe  # noqa: E402
-from allocmoe import compensation as C  # noqa: E402
+from allocmoe import compensation_fit as CF  # noqa: E402
+from allocmoe import compensation_maps as CM  # noqa: E402
 from allocmoe.data import builtin_text, read_texts, token_windows  # noqa: E402
 from allocmoe.models import load_model  # noqa: E402
 
@@ -56,8 +57,7 @@ def main() -> None:
     ap.add_argument("--plan", action="append", default=[], help="'uniformK' or a plan JSON (repeatable)")
     ap.add_argument("--modes", default="teacher,sequential")
     ap.add_argument("--ranks", default="auto", help="comma list: auto or integers")
-    ap.add_argument("--ridges", default="1e-2")
-    ap.add_argument("--metric", default="euclidean", help="euclidean or fisher")
+    ap.add_argument("--ridges", default=f"{CF.DEFAULT_RIDGE:g}")
     ap.add_argument("--no-router-features", dest="router_features", action="store_false",
                     help="pure low-rank affine map of x (default: also the dropped experts' router probabilities)")
     ap.add_argument("--flops-fraction", type=float, default=0.1, help="cap; 0 = no cap (diagnostics only)")
@@ -74,7 +74,7 @@ def main() -> None:
 
     model, tok, _ = load_model()
     layers = allocmoe.find_moe_layers(model)
-    macs_pair = C.expert_macs_per_pair(layers[0])
+    macs_pair = CM.expert_macs_per_pair(layers[0])
     calib_texts, _ = read_texts(None, "calibration")
     calib = token_windows(tok, calib_texts, 256, max_tokens=args.calib_tokens)
     evals = {"validation": eval_windows(tok, Path(builtin_text("validation")).read_text(), args.eval_tokens, 256)}
@@ -115,23 +115,23 @@ def main() -> None:
             t = time.time()
             try:
                 if mode == "best":
-                    comp = C.fit_best(model, plan, calib, rank=rank, flops_fraction=args.flops_fraction,
-                                      ridges=tuple(float(x) for x in args.ridges.split(",")),
-                                      metric=args.metric, router_features=args.router_features, progress=False)
+                    comp = CF.fit_best(model, plan, calib, rank=rank, flops_fraction=args.flops_fraction,
+                                       ridges=tuple(float(x) for x in args.ridges.split(",")),
+                                       router_features=args.router_features, progress=False)
                 else:
-                    comp = C.fit_compensation(model, plan, calib, rank=rank, ridge=ridge, mode=mode,
-                                              flops_fraction=args.flops_fraction, metric=args.metric,
-                                              router_features=args.router_features, progress=False)
+                    comp = CF.fit_compensation(model, plan, calib, rank=rank, ridge=ridge, mode=mode,
+                                               flops_fraction=args.flops_fraction,
+                                               router_features=args.router_features, progress=False)
             except allocmoe.AllocMoeError as e:
                 print(f"  {mode} rank={r} ridge={ridge}: refused: {e}", file=sys.stderr)
                 pr["runs"].append({"mode": mode, "rank": r, "ridge": ridge, "refused": str(e)})
                 continue
             fit_s = time.time() - t
-            run = {"mode": mode, "metric": args.metric, "router_features": args.router_features, "rank": r, "ridge": ridge, "ranks": [max(m.values(), default=0) for m in comp.ranks()],
-                   "fit_seconds": round(fit_s, 1)}
+            run = {"mode": mode, "router_features": args.router_features, "rank": r, "ridge": ridge,
+                   "ranks": [max(m.values(), default=0) for m in comp.ranks()], "fit_seconds": round(fit_s, 1)}
             if mode == "best":
                 run["selection"] = comp.meta["selection"]
-            with allocmoe.apply(model, plan) as h, C.install(model, comp) as ch:
+            with allocmoe.apply(model, plan) as h, CM.install(model, comp) as ch:
                 for name, seqs in evals.items():
                     run[name] = perplexity(model, seqs)
                 fl = ch.flops()

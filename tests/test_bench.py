@@ -15,7 +15,7 @@ from allocmoe import bench, experts_fast
 from allocmoe.bench import BenchSettings, Variant
 from allocmoe.errors import AllocMoeError
 from allocmoe.shapes import parse_shape, random_model, shape_config
-from allocmoe.testing import FAMILIES, save_tiny, tiny_config, tiny_model
+from allocmoe.testing import FAMILIES, tiny_config
 
 SMALL = BenchSettings(prefill_len=8, decode_batches=(1, 2), decode_tokens=2, decode_prompt=4, repeats=2, warmup=1,
                       progress=False, amdahl=False, remeasure=False)
@@ -25,9 +25,9 @@ def small(**kw) -> BenchSettings:
     return dataclasses.replace(SMALL, **kw)
 
 
-@pytest.fixture(scope="module")
-def ds():
-    return tiny_model("deepseek_v2")
+@pytest.fixture
+def ds(models):
+    return models["deepseek_v2"]
 
 
 def _plans(m):
@@ -433,6 +433,8 @@ def test_random_model_is_deterministic_and_routes_unevenly():
     with torch.no_grad():
         la, lb = a(ids).logits, b(ids).logits
     assert torch.equal(la, lb) and torch.isfinite(la).all()
+    with torch.no_grad():  # the seed is what decides the weights, not a fixed or a global RNG state
+        assert not torch.equal(random_model(cfg, seed=2)(ids).logits, la)
     layer = allocmoe.find_moe_layers(a)[0]
     h = torch.randn(64, cfg.hidden_size)
     h = h / h.pow(2).mean(-1, keepdim=True).sqrt()
@@ -447,8 +449,8 @@ def _bench_cli(*args):
     return CliRunner().invoke(app, ["bench", *map(str, args)])
 
 
-def test_bench_command_tiny_model_dir(tmp_path):
-    d = save_tiny("qwen3_moe", tmp_path / "m")
+def test_bench_command_tiny_model_dir(models, tiny_dir, tmp_path):
+    d = tiny_dir("qwen3_moe")
     out = tmp_path / "bench.json"
     md = tmp_path / "bench.md"
     fast = ["--prefill-len", 8, "--decode-tokens", 2, "--decode-prompt", 4, "--repeats", 1, "--warmup", 0,
@@ -465,7 +467,7 @@ def test_bench_command_tiny_model_dir(tmp_path):
     assert d50["limit_source"] == "amdahl" and isinstance(d50["flags"], list)
     assert "| ideal (Amdahl) |" in res.stdout
     plan_path = tmp_path / "p.json"
-    allocmoe.make_plan(tiny_model("qwen3_moe"), [1, 3, 2]).save(plan_path)
+    allocmoe.make_plan(models["qwen3_moe"], [1, 3, 2]).save(plan_path)
     res = _bench_cli("--model", d, "--out", out, "--force", "--plan", plan_path, "--no-amdahl", "--no-remeasure",
                      "--decode-batches", "", "--sparse-path", "loop", "--experts-implementation", "eager", *fast)
     assert res.exit_code == 0, res.output

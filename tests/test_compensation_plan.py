@@ -24,8 +24,10 @@ def windows():
 
 @pytest.fixture(scope="module")
 def comp_plan(model, windows):
+    # every layer keeps its maps (no pruning: on a random model they would not help beyond noise, see
+    # test_compensation_select.py), so the plumbing below has maps to carry
     return allocmoe.allocate(model, budget=0.5, method="uniform", token_policy="global", windows=windows,
-                             compensate=True, progress=False)
+                             compensate=True, compensation_options={"prune": False}, progress=False)
 
 
 def _logits(m, plan, x, **kw):
@@ -50,6 +52,15 @@ def test_plan_with_compensation_round_trip(model, comp_plan, tmp_path):
     plain = allocmoe.Plan.from_dict({k: v for k, v in d.items() if k != "compensation"})
     c, cc = _logits(model, plain, x)
     assert not torch.equal(a, c) and "compensation" not in cc and cc["last"] == cb["last"]
+
+
+def test_allocate_fits_with_the_documented_default_ridge(comp_plan):
+    from allocmoe.compensation_fit import DEFAULT_RIDGE
+
+    comp = comp_plan.compensation_maps
+    assert DEFAULT_RIDGE == 0.1  # what the main job's numbers were made with
+    assert comp.meta["ridge"] == DEFAULT_RIDGE and comp_plan.compensation["ridge"] == DEFAULT_RIDGE
+    assert comp.meta["selection"]["chosen"] in ("teacher", "sequential")
 
 
 def test_full_plan_with_compensation_is_exact(model, comp_plan):
@@ -89,5 +100,7 @@ def test_cli_allocate_compensate_and_eval(tmp_path):
                             "--task", tmp_path / "task.json", "--seq-len", "32", "--out", tmp_path / "e.json")
     assert rc == 0, err
     e = json.loads((tmp_path / "e.json").read_text())
-    assert e["activations_per_token"] == 4 and e["compensation"]["macs_per_token"] > 0
+    # the CLI prunes maps that do not help (compensation_select.py): the work measured matches the layers kept
+    kept = json.loads((tmp_path / "p.json").read_text())["compensation"]["kept_layers"]
+    assert e["activations_per_token"] == 4 and (e["compensation"]["macs_per_token"] > 0) == bool(kept)
     assert "compensation" in err and "expert activations" in err

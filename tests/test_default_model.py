@@ -114,6 +114,7 @@ def test_default_model_loads_in_stored_dtype():
     assert torch.isfinite(logits.float()).all()
 
 
+@pytest.mark.slow
 @needs_checkpoint
 def test_half_budget_costs_perplexity(model, tok):
     """What makes the model a testbed: uniform top-ceil(K/2) in every MoE layer (the `fixed` policy, run

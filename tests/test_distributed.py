@@ -42,9 +42,8 @@ def torchrun(*args, cwd, nproc=2, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharded")
-    return {f: save_tiny(f, root / f) for f in FAMILIES}
+def model_dirs(tiny_dir):
+    return {f: tiny_dir(f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +68,7 @@ def single(model_dirs):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", MODES)
 def test_plans_on_sharded_model_match_one_process(sharded, single, mode, family):
@@ -92,6 +92,7 @@ def test_plans_on_sharded_model_match_one_process(sharded, single, mode, family)
     assert r["num_experts"] == 8 and r["local_experts"] == (4 if mode == "ep" else 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", MODES)
 def test_full_plan_is_the_stock_sharded_model(sharded, single, mode, family):
@@ -100,6 +101,7 @@ def test_full_plan_is_the_stock_sharded_model(sharded, single, mode, family):
     assert (r["stock"]["logits"] - single[family]["stock"]["logits"]).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expert_parallel_ranks_compute_only_their_surviving_pairs(sharded, single, family):
     r, ref = sharded[("ep", family)], single[family]
@@ -113,6 +115,7 @@ def test_expert_parallel_ranks_compute_only_their_surviving_pairs(sharded, singl
     assert all(sum(r["rows_per_rank"][n]) < full for n in ("fixed", "global", "threshold", "top-p", "naee"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_plan_for_another_model_is_refused_on_a_sharded_model(sharded, mode):
     msg = sharded[(mode, "qwen3_moe")]["mismatch_error"]
@@ -128,6 +131,7 @@ def test_plan_for_another_model_is_refused_on_a_sharded_model(sharded, mode):
 PROFILE_ARGS = ["--tokens", 320, "--seq-len", 16, "--batch-size", 4]  # 20 windows: 5 batches, an idle rank at the end
 
 
+@pytest.mark.slow
 def test_data_parallel_profile_equals_one_process_and_resumes(model_dirs, tmp_path, monkeypatch):
     m = model_dirs["qwen3_moe"]
     assert invoke_cli("profile", "--model", m, "--out", tmp_path / "one.json", *PROFILE_ARGS)[0] == 0
@@ -163,6 +167,7 @@ def test_data_parallel_profile_equals_one_process_and_resumes(model_dirs, tmp_pa
     assert not (tmp_path / "r.json.partial.json").exists()
 
 
+@pytest.mark.slow
 def test_profile_of_an_expert_parallel_model_equals_one_process(model_dirs, tmp_path):
     m = model_dirs["qwen3_moe"]
     assert invoke_cli("profile", "--model", m, "--out", tmp_path / "one.json", *PROFILE_ARGS)[0] == 0
@@ -186,6 +191,7 @@ def _plan(model_dir, tmp_path) -> Path:
 EVAL_ARGS = ["--seq-len", 32, "--max-tokens", 256, "--max-examples", 3, "--batch-size", 4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,family", [("ep", "deepseek_v2"), ("tp", "qwen3_moe")])
 def test_sharded_eval_from_the_command_line(model_dirs, tmp_path, mode, family):
     m = model_dirs[family]
@@ -200,6 +206,7 @@ def test_sharded_eval_from_the_command_line(model_dirs, tmp_path, mode, family):
     assert r.stderr.count("perplexity ") == 2  # both ranks evaluated; rank 0 wrote
 
 
+@pytest.mark.slow
 def test_sharded_generate_from_the_command_line(model_dirs, tmp_path):
     m = model_dirs["qwen3_moe"]
     plan = _plan(m, tmp_path)
@@ -275,6 +282,7 @@ def test_offloaded_profile_and_perplexity_equal_in_memory(deep_dir, tmp_path):
     assert rc == rc0 == 0 and text == text0
 
 
+@pytest.mark.slow
 def test_offloaded_run_job(model_dirs, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import allocmoe
 from allocmoe.errors import AllocMoeError, DataError, FileFormatError
 from allocmoe.evaluation import load_task, perplexity, score_task
+from allocmoe.testing import bpe_tokenizer, tiny_model
 
 TASKS = Path(allocmoe.__file__).parent / "assets" / "tasks"
 CORPUS = [
@@ -23,22 +23,12 @@ CORPUS = [
 
 def make_tokenizer(bos: bool = True) -> tf.PreTrainedTokenizerFast:
     """A byte-level BPE (~300 tokens) trained on CORPUS: multi-byte tokens and split UTF-8 characters."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"], show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
-    extra = {"bos_token": "<|bos|>"} if bos else {}
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>", **extra)
+    return bpe_tokenizer(CORPUS, bos=bos)
 
 
 def make_model(vocab_size: int = 300, seed: int = 0) -> torch.nn.Module:
-    cfg = tf.Qwen3MoeConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1, head_dim=16, intermediate_size=32, moe_intermediate_size=16,
-                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=256)
-    torch.manual_seed(seed)
-    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+    return tiny_model("qwen3_moe", seed=seed, num_layers=2, num_experts=4, top_k=2, vocab_size=vocab_size,
+                      max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as tf
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 try:
     import lm_eval  # noqa: F401
@@ -16,26 +14,16 @@ except ImportError as e:
 
 from allocmoe.errors import AllocMoeError
 from allocmoe.lm_eval_adapter import run_lm_eval
+from allocmoe.testing import bpe_tokenizer, tiny_model
 
 TASK_DIR = Path(__file__).parent / "data" / "lm_eval_task"
 
 
 def tiny_model_and_tokenizer():
+    """A tiny Qwen3-MoE and a byte-level BPE trained on the toy task's questions and choices."""
     docs = [json.loads(line) for line in (TASK_DIR / "toy_mc.jsonl").read_text().splitlines()]
-    corpus = [d["question"] + " " + c for d in docs for c in d["choices"]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"], show_progress=False))
-    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
-                                           pad_token="<|pad|>")
-    cfg = tf.Qwen3MoeConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            num_key_value_heads=1, head_dim=16, intermediate_size=32, moe_intermediate_size=16,
-                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(cfg).eval(), tokenizer
+    tokenizer = bpe_tokenizer([d["question"] + " " + c for d in docs for c in d["choices"]])
+    return tiny_model("qwen3_moe", num_layers=2, num_experts=4, top_k=2, vocab_size=300), tokenizer
 
 
 @pytest.fixture

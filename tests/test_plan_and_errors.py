@@ -7,13 +7,13 @@ import transformers as tf
 
 import allocmoe
 from allocmoe import errors
-from allocmoe.testing import invoke_cli, save_tiny, tiny_model
+from allocmoe.testing import invoke_cli, tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
+def tiny_dirs(tmp_path_factory, tiny_dir):
     d = tmp_path_factory.mktemp("models")
-    out = {f: save_tiny(f, d / f) for f in ("deepseek_v2", "qwen3_moe")}
+    out = {f: tiny_dir(f) for f in ("deepseek_v2", "qwen3_moe")}
     dense = tf.LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1)
     tf.LlamaForCausalLM(dense).save_pretrained(d / "dense")
@@ -44,14 +44,19 @@ def _plan_dict(models):
 @pytest.mark.parametrize(
     "mutate, exc, msg",
     [
-        (lambda d: d["layers"][0].update(k=0), errors.PlanError, r"layer 0: k=0 is out of range \[1, 8\]"),
-        (lambda d: d["layers"][1].update(k=9), errors.PlanError, r"layer 1: k=9 is out of range \[1, 8\]"),
+        (lambda d: d["layers"][0].update(k=0), errors.PlanError, r"^plan: layers\[0\]\.k: must be an integer >= 1, got 0$"),
+        (lambda d: d["layers"][1].update(k=9), errors.PlanError, r"layers\[1\]\.k: k=9 is out of range \[1, 8\]"),
         (lambda d: d.update(version=7), errors.PlanError, "unknown plan version 7"),
         (lambda d: d.update(format="x"), errors.PlanError, "not an allocmoe plan"),
         (lambda d: d["layers"].pop(), errors.PlanError, "plan has 2 layers but its model fingerprint has 3"),
         (lambda d: d["token_policy"].update(name="magic"), errors.PlanError, "unknown token policy 'magic'"),
         (lambda d: d.update(renormalize="x"), errors.PlanError, "unknown renormalize mode 'x'"),
-        (lambda d: d["layers"][0].update(k="2"), errors.PlanError, r"layers\[0\] must be an object with an integer 'k'"),
+        (lambda d: d["layers"][0].update(k="2"), errors.PlanError, r"layers\[0\]\.k: must be an integer >= 1, got '2'"),
+        (lambda d: d["layers"][2].pop("k"), errors.PlanError, r"layers\[2\]: has no 'k' field"),
+        (lambda d: d.pop("token_policy"), errors.PlanError, r"^plan: has no 'token_policy' field$"),
+        (lambda d: d["token_policy"].update(min_k=0), errors.PlanError, r"token_policy\.min_k: must be an integer >= 1"),
+        (lambda d: d.update(version="1"), errors.PlanError, "unknown plan version '1'"),
+        (lambda d: d["model"].update(num_experts=[8, 8]), errors.PlanError, "num_experts has 2 entries but num_moe_layers is 3"),
     ],
 )
 def test_plan_validation_errors(models, mutate, exc, msg):
@@ -173,3 +178,21 @@ def test_cli_wrong_model_plan_and_corrupt_files(tiny_dirs, tmp_path):
     rc, _, e = cli("profile", "--model", tiny_dirs["qwen3_moe"], "--data", tmp_path / "short.txt", "--out",
                    tmp_path / "z.json")
     assert rc == 2 and "is too short: 11 tokens, fewer than one window of 256" in e
+
+
+def test_cli_names_the_bad_field_of_a_plan_or_profile(tiny_dirs, tmp_path, models):
+    """A wrong type deep in a plan or profile file: exit 2 and one `error:` line naming the file and field."""
+    d = _plan_dict(models)
+    d["token_policy"] = {"name": "top-p", "min_k": 1, "max_k": 4, "p": float("nan")}
+    plan = tmp_path / "nan.json"
+    plan.write_text(json.dumps(d))
+    rc, _, e = cli("eval", "--model", tiny_dirs["qwen3_moe"], "--plan", plan, "--out", tmp_path / "e.json")
+    lines = [l for l in e.strip().splitlines() if l.startswith("error:")]
+    assert rc == 2 and len(lines) == 1, e
+    assert lines[0] == f"error: plan {plan}: token_policy.p: must be a finite number in [0.0, 1.0] (a calibrated knob), got nan"
+    prof = {"format": "allocmoe-profile", "version": 1, "metric": "kl", "k_values": [1, 2, 3, 4],
+            "sensitivity": [[1, 0.5, 0.1, 0], [1, 0.5, "0.1", 0], [1, 0.5, 0.1, 0]], "tokens": 10, "model": d["model"]}
+    pf = tmp_path / "prof.json"
+    pf.write_text(json.dumps(prof))
+    rc, _, e = cli("allocate", "--profile", pf, "--budget", "0.5", "--out", tmp_path / "y.json")
+    assert rc == 2 and e.strip() == f"error: profile {pf}: sensitivity[1][2]: must be a finite number, got '0.1'"

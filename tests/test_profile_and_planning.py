@@ -9,7 +9,7 @@ import torch
 import allocmoe
 from allocmoe import errors
 from allocmoe.profiling import Profile, profile
-from allocmoe.testing import tiny_model
+from allocmoe.testing import invoke_cli
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,8 @@ def test_lexi_is_data_free_and_meets_budget(models):
 
 @pytest.mark.parametrize("policy", ["threshold", "top-p", "naee"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
-def test_calibrated_policies_meet_budget(family, policy):
-    m = tiny_model(family)
+def test_calibrated_policies_meet_budget(models, family, policy):
+    m = models[family]
     w = torch.randint(3, 97, (24, 32), generator=torch.Generator().manual_seed(5))
     L = len(allocmoe.find_moe_layers(m))
     plan = allocmoe.allocate(m, 0.5, "uniform", token_policy=policy, windows=w, progress=False)
@@ -125,3 +125,28 @@ def test_calibrated_policies_meet_budget(family, policy):
         for b in range(0, len(w), 8):
             m(w[b:b + 8], use_cache=False)
         assert h2.counts()["cumulative"]["activations_per_token"] == measured
+
+
+def test_candidate_range_k_from_k_to_and_the_old_spellings(models, windows, tiny_dir, tmp_path):
+    # the candidate k values of a profile / plan run k_from..k_to (a token policy's per-token floor is min_k)
+    m = models["qwen3_moe"]  # 3 MoE layers, top-4
+    p = profile(m, windows[:4], k_from=2, k_to=3, progress=False)
+    assert p.k_values == [2, 3] and (p.settings["k_from"], p.settings["k_to"]) == (2, 3)
+    with pytest.raises(errors.ProfileError, match=r"invalid candidate k range \[3, 2\]"):
+        profile(m, windows[:4], k_from=3, k_to=2, progress=False)
+    # allocate: the range bounds the budget; the old keyword k_min still means k_from
+    assert allocmoe.allocate(m, budget=6, method="uniform", k_from=2).ks == [2, 2, 2]
+    for kw in ({"k_from": 2}, {"k_min": 2}):
+        with pytest.raises(errors.BudgetError, match=r"feasible range is 6\.\.12"):
+            allocmoe.allocate(m, budget=5, method="uniform", **kw)
+    # the CLI: --k-from/--k-to, and the old --k-min/--k-max
+    (tmp_path / "text.txt").write_text("It is a truth universally acknowledged. " * 10)
+    common = ("profile", "--model", tiny_dir("qwen3_moe"), "--data", tmp_path / "text.txt", "--tokens", "64",
+              "--seq-len", "16", "--batch-size", "4")
+    for flags in (("--k-from", "3", "--k-to", "4"), ("--k-min", "3", "--k-max", "4")):
+        out = tmp_path / f"{flags[0]}.json"
+        rc, _, err = invoke_cli(*common, *flags, "--out", out)
+        assert rc == 0, err
+        assert json.loads(out.read_text())["k_values"] == [3, 4]
+    rc, _, err = invoke_cli(*common, "--k-from", "3", "--k-to", "2", "--out", tmp_path / "bad.json")
+    assert rc == 2 and "--k-to 2 is below --k-from 3" in err

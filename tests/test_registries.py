@@ -7,7 +7,7 @@ import torch
 import allocmoe
 from allocmoe import methods, policies
 from allocmoe.run import run_configs
-from allocmoe.testing import invoke_cli, save_tiny, tiny_model, tiny_tokenizer
+from allocmoe.testing import invoke_cli, tiny_tokenizer
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. ") * 30
@@ -28,9 +28,9 @@ def top1plus():
     del policies.TOKEN_POLICIES["top1plus"]
 
 
-def test_a_registered_policy_is_usable_everywhere(top1plus, tmp_path):
-    tmp_dir, plan_path = save_tiny("qwen3_moe", tmp_path / "m"), tmp_path / "plan.json"
-    m = tiny_model("qwen3_moe")
+def test_a_registered_policy_is_usable_everywhere(top1plus, models, tiny_dir, tmp_path):
+    tmp_dir, plan_path = tiny_dir("qwen3_moe"), tmp_path / "plan.json"
+    m = models["qwen3_moe"]
     L = len(allocmoe.find_moe_layers(m))
     plan = allocmoe.make_plan(m, [2] * L, token_policy="top1plus")  # validation knows it
     ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -64,8 +64,8 @@ def test_main_job_configs_follow_the_registries(monkeypatch):
     assert not any(c.ablation for c in run_configs(ablation=False))
 
 
-def test_one_call_allocate_profiles_only_when_needed(monkeypatch):
-    m, tok = tiny_model("deepseek_v2"), tiny_tokenizer()
+def test_one_call_allocate_profiles_only_when_needed(models, monkeypatch):
+    m, tok = models["deepseek_v2"], tiny_tokenizer()
     calls = []
     real = allocmoe.profiling.profile
 
@@ -75,11 +75,11 @@ def test_one_call_allocate_profiles_only_when_needed(monkeypatch):
 
     monkeypatch.setattr(allocmoe.profiling, "profile", counting_profile)
     plan = allocmoe.allocate(m, budget=0.5, token_policy="global", tokenizer=tok, texts=[TEXT], seq_len=32,
-                             calibration_tokens=256, progress=False)
+                             calibration_tokens=256, progress=False, guard=False)
     assert calls == [1] and plan.method == "dp" and sum(plan.ks) == sum(plan.original_ks) // 2
     assert plan.token_policy["name"] == "global" and plan.meta["profile_metric"] == "kl"
     # the same profile passed in: no profiling, same plan
-    prof = real(m, allocmoe.planning.calibration_windows(tok, [TEXT], None, 256, 32), progress=False)
+    prof = real(m, allocmoe.planning.calibration_windows(tok, [TEXT], None, 256, 32), progress=False, at=0.5)
     again = allocmoe.allocate(m, budget=0.5, token_policy="global", profile=prof)
     assert len(calls) == 1 and again.ks == plan.ks
     # a method that needs no profile never profiles, and needs no text
@@ -87,8 +87,8 @@ def test_one_call_allocate_profiles_only_when_needed(monkeypatch):
     assert len(calls) == 1
 
 
-def test_one_call_allocate_errors_name_the_missing_piece():
-    m = tiny_model("deepseek_v2")
+def test_one_call_allocate_errors_name_the_missing_piece(models):
+    m = models["deepseek_v2"]
     with pytest.raises(allocmoe.SettingsError, match="needs calibration text") as e:
         allocmoe.allocate(m, budget=0.5)  # dp without a profile, tokenizer or windows
     assert e.value.param == "tokenizer"
@@ -107,3 +107,41 @@ def test_registries_refuse_a_second_class_under_a_taken_name():
     assert type(policies.TOKEN_POLICIES["global"]).__name__ != "Again"
     with pytest.raises(allocmoe.SettingsError, match=r"unknown allocation method 'x' \(choose from uniform, "):
         allocmoe.methods.get_method("x")
+
+
+def test_every_method_is_registered_by_a_plain_import():
+    # a fresh interpreter: in this one every module is imported already, which would hide a method that is
+    # registered only when its own module happens to be imported
+    import subprocess
+    import sys
+
+    code = "import allocmoe; print(','.join(allocmoe.METHODS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out.split(",") == list(methods.METHODS)
+    assert {"dp", "greedy", "uniform", "random", "lexi", "search"} <= set(out.split(","))
+    assert out.split(",")[-1] == "search"  # after the built-in methods, as the CLI lists them
+
+
+@pytest.fixture
+def every_two():
+    """A method registered for one test and removed afterwards: k = 2 in every layer."""
+
+    @methods.register_method
+    class EveryTwo(methods.AllocationMethod):
+        name, label, summary = "every-two", "every two", "k = 2 in every layer"
+
+        def allocate(self, ctx):
+            return [2] * ctx.num_layers
+
+    yield EveryTwo
+    del methods.METHODS["every-two"]
+
+
+def test_a_registered_method_is_usable_from_python_and_the_cli(every_two, models, tiny_dir, tmp_path):
+    m = models["qwen3_moe"]  # 3 MoE layers
+    plan = allocmoe.allocate(m, budget=6, method="every-two")
+    assert plan.ks == [2, 2, 2] and plan.method == "every-two"
+    rc, _, err = invoke_cli("allocate", "--model", tiny_dir("qwen3_moe"), "--method", "every-two", "--budget", "6",
+                            "--out", tmp_path / "p.json")
+    assert rc == 0, err
+    assert allocmoe.Plan.load(tmp_path / "p.json").ks == [2, 2, 2]

@@ -7,16 +7,16 @@ import sys
 import pytest
 
 from allocmoe.run import RunSettings, run
-from allocmoe.testing import invoke_cli, save_tiny
+from allocmoe.testing import invoke_cli
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. ") * 40
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_dir):
     d = tmp_path_factory.mktemp("run")
-    model = save_tiny("deepseek_v2", d / "model")
+    model = tiny_dir("deepseek_v2")
     (d / "text.txt").write_text(TEXT)
     (d / "ood.txt").write_text("ABASEMENT, n. A decent and customary mental attitude in the presence of wealth. " * 20)
     task = {"name": "toy", "examples": [{"input": "a single", "target_scores": {"man": 1, "dog": 0}},
@@ -56,7 +56,13 @@ def test_run_writes_well_formed_report(setup):
     assert len(list((out / "plans").glob("*.json"))) == 2 * 10 + 5
     assert len(list((out / "plans").glob("*.compensation.safetensors"))) == 2 + 2
     comp = [c for c in r["configs"] if c.get("compensated")]
-    assert len(comp) == 4 and all(c["compensation"]["macs_per_token"] > 0 for c in comp)
+    assert len(comp) == 4
+    from allocmoe.run import plan_file_stem
+
+    for c in comp:  # measured compensation work exactly where the plan kept maps (none may help a random model)
+        kept = json.loads((out / "plans" / f"{plan_file_stem(c['label'], c['budget'])}.json").read_text())[
+            "compensation"].get("kept_layers")
+        assert (c["compensation"]["macs_per_token"] > 0) == (kept is None or len(kept) > 0)
     assert "## Ablation at budget 0.5" in md and "search + Alloc-T + comp" in md
     assert (out / "profile_global.json").exists()
     # Alloc-L's input, every MoE layer with the spread between the most and least sensitive
@@ -115,4 +121,6 @@ def test_cli_usage_errors_are_short_and_name_the_option(args, names, tmp_path, m
     rc, _, err = invoke_cli(*args)
     assert rc == 2
     assert names in err and "Traceback" not in err
+    lines = err.strip().splitlines()  # usage errors too are one `error:` line, pointing at the command's help
+    assert len(lines) == 1 and lines[0].startswith("error: ")
     assert not (tmp_path / "x.json").exists()

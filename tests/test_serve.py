@@ -26,7 +26,7 @@ openai = pytest.importorskip("openai")
 
 import allocmoe  # noqa: E402
 from allocmoe.serving import HEADER, SERVER_HEADER, BackgroundServer  # noqa: E402
-from allocmoe.testing import invoke_cli, save_tiny  # noqa: E402
+from allocmoe.testing import invoke_cli  # noqa: E402
 
 PROMPTS = ["It is a truth", "hello world", "abc", "The quick brown fox jumps"]
 N_NEW = 8
@@ -34,9 +34,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_dir):
     """The tiny DeepSeek-V2 model saved as a Hugging Face directory, loaded back with its tokenizer."""
-    d = save_tiny("deepseek_v2", tmp_path_factory.mktemp("serve") / "model")
+    d = tiny_dir("deepseek_v2")
     m, tok, _ = allocmoe.load_model(d)
     return d, m, tok
 
@@ -155,9 +155,9 @@ def test_malformed_requests_get_4xx_and_disconnects_do_not_kill_the_server(tiny)
         assert post(url.rsplit("/v1", 1)[0] + "/health", b"")[0] in (200, 405)
 
 
-def test_continuous_batching_packs_requests_and_counts_only_real_tokens(tmp_path):
+def test_continuous_batching_packs_requests_and_counts_only_real_tokens(tiny_dir):
     """transformers' continuous batching (qwen3_moe: DeepSeek-V2's latent KV does not fit its paged cache)."""
-    m, tok, _ = allocmoe.load_model(save_tiny("qwen3_moe", tmp_path / "q"))
+    m, tok, _ = allocmoe.load_model(tiny_dir("qwen3_moe"))
     n = 24  # long enough that the four requests overlap even on a loaded machine
     ref = reference(m, tok, PROMPTS, n)
     seqs_per_call = []
@@ -206,11 +206,11 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_cli_errors_are_one_line(tiny, tmp_path):
+def test_cli_errors_are_one_line(tiny, tiny_dir, tmp_path):
     d, m, _ = tiny
     rc, _, err = invoke_cli("serve", "--model", d, "--plan", tmp_path / "missing.json", "--port", "0")
     assert rc == 2 and "missing.json" in one_error_line(err)
-    other = save_tiny("qwen3_moe", tmp_path / "other")
+    other = tiny_dir("qwen3_moe")
     plan = tmp_path / "other_plan.json"
     assert invoke_cli("allocate", "--model", other, "--method", "uniform", "--budget", "0.5", "--out", plan)[0] == 0
     rc, _, err = invoke_cli("serve", "--model", d, "--plan", plan, "--port", "0")

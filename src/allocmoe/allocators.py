@@ -32,9 +32,9 @@ def _fmt_frac(x: float) -> str:
     return str(round(x, 3))
 
 
-def _range_msg(num_layers: int, original_k: int, k_min: int, k_max: int) -> str:
+def _range_msg(num_layers: int, original_k: int, k_from: int, k_to: int) -> str:
     total = num_layers * original_k
-    lo, hi = num_layers * k_min, num_layers * k_max
+    lo, hi = num_layers * k_from, num_layers * k_to
     return (f"feasible range is {lo}..{hi} activations/token "
             f"({_fmt_frac(lo / total)}..{_fmt_frac(hi / total)} of the original {total})")
 
@@ -44,7 +44,7 @@ _NUM_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _HINT = "give a fraction of the original budget like 0.5 or an integer number of activations per token like 96"
 
 
-def parse_budget(budget: str | float | int, num_layers: int, original_k: int, k_min: int, k_max: int) -> int:
+def parse_budget(budget: str | float | int, num_layers: int, original_k: int, k_from: int, k_to: int) -> int:
     """Turn a user budget into B, the total number of expert activations per token over all MoE layers.
 
     - int (or a string of digits like "9"): absolute B.
@@ -53,12 +53,13 @@ def parse_budget(budget: str | float | int, num_layers: int, original_k: int, k_
       original_k), computed exactly on the decimal as written (a float via its shortest repr), so
       0.25 of 6 = 1.5 gives 2 and 0.15 of 10 = 1.5 gives 2.
 
-    Raises BudgetError (one line) for non-numeric, NaN, infinite, zero or negative values, and when B is
-    outside num_layers*k_min .. num_layers*k_max.
+    Every layer's k is a candidate in k_from..k_to (the profile's k_values; not the token policies' per-token
+    min_k / max_k). Raises BudgetError (one line) for non-numeric, NaN, infinite, zero or negative values, and
+    when B is outside num_layers*k_from .. num_layers*k_to.
     """
-    if num_layers < 1 or original_k < 1 or k_min < 1 or k_max < k_min:
+    if num_layers < 1 or original_k < 1 or k_from < 1 or k_to < k_from:
         raise BudgetError(f"bad shape for a budget: num_layers={num_layers} original_k={original_k} "
-                         f"k_min={k_min} k_max={k_max}")
+                         f"k_from={k_from} k_to={k_to}")
     # classify into (raw text for messages, absolute int | fraction Decimal)
     if isinstance(budget, (bool, np.bool_)):
         raise BudgetError(f"budget {budget!r} is not a number; {_HINT}")
@@ -98,8 +99,8 @@ def parse_budget(budget: str | float | int, num_layers: int, original_k: int, k_
     else:
         B = int((value * total).to_integral_value(rounding=ROUND_HALF_UP))
         shown = f"budget {raw} ({B} activations/token)"
-    if not num_layers * k_min <= B <= num_layers * k_max:
-        raise BudgetError(f"{shown} is infeasible: {_range_msg(num_layers, original_k, k_min, k_max)}")
+    if not num_layers * k_from <= B <= num_layers * k_to:
+        raise BudgetError(f"{shown} is infeasible: {_range_msg(num_layers, original_k, k_from, k_to)}")
     return B
 
 

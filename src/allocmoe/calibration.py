@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import policies
+from .divergence import batches, model_device
 from .errors import CalibrationError
 from .patching import apply
 from .adapters import find_moe_layers
@@ -40,9 +41,10 @@ def _record(model: nn.Module, plan: Plan, windows: torch.Tensor, batch_size: int
         hooks.append(layer.router.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for b in tqdm(range(0, len(windows), batch_size), disable=not progress, desc="calibrating",
-                          leave=False):
-                model(windows[b:b + batch_size], use_cache=False)
+            dev = model_device(model)
+            for ids in tqdm(list(batches(windows, batch_size)), disable=not progress, desc="calibrating",
+                            leave=False):
+                model(ids.to(dev), use_cache=False)
         counts = handle.counts()["cumulative"]
     finally:
         for h in hooks:

@@ -43,6 +43,8 @@ from functools import partial
 
 import torch
 
+from .adapters import find_moe_layers
+from .adapters.sharding import expert_weights, experts_sharding, is_dtensor, to_local
 from .errors import SettingsError
 
 
@@ -108,58 +110,9 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _dtensor_cls():
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # torch built without distributed
-        return None
-    return DTensor
-
-
-def _is_dtensor(t) -> bool:
-    cls = _dtensor_cls()
-    return cls is not None and isinstance(t, cls)
-
-
-def _local(t):
-    return t.to_local() if _is_dtensor(t) else t
-
-
 # --------------------------------------------------------------------------------------------------
-# what kind of sharding a model / an experts module has
+# what kind of sharding a model has (one experts module's: adapters/sharding.py)
 # --------------------------------------------------------------------------------------------------
-
-
-def _expert_weights(experts):
-    for name in ("gate_up_proj", "up_proj", "w1", "down_proj"):
-        w = experts._parameters.get(name) if hasattr(experts, "_parameters") else None
-        if w is not None:
-            return w
-    return None
-
-
-def experts_sharding(experts) -> str | None:
-    """"ep" (expert parallel), "tp" (tensor parallel) or None (every expert whole on this rank)."""
-    if getattr(experts, "_is_expert_parallel", False):
-        return "ep"
-    w = _expert_weights(experts)
-    if w is not None and _is_dtensor(w):
-        return "tp"
-    return None
-
-
-def global_num_experts(experts, router) -> int:
-    """The model's number of routed experts, whatever this rank holds (EP keeps only the local ones)."""
-    local = int(getattr(experts, "num_experts", getattr(router, "num_experts", 0)) or 0)
-    if not getattr(experts, "_is_expert_parallel", False):
-        return local
-    w = _expert_weights(experts)
-    if w is not None and w.dim() >= 3:
-        return int(w.shape[0])  # a DTensor's shape is the global shape
-    rw = getattr(router, "weight", None)
-    if rw is not None and rw.dim() == 2:
-        return int(rw.shape[0])
-    return local * world_size()
 
 
 def model_sharding(model) -> str | None:
@@ -168,8 +121,6 @@ def model_sharding(model) -> str | None:
     if cfg is not None and (getattr(cfg, "pp_size", 1) or 1) > 1:
         raise SettingsError("pipeline-parallel models are not supported (each rank holds only some layers); "
                             "use tensor or expert parallel", param="distributed_config")
-    from .adapters import find_moe_layers
-
     kinds = {experts_sharding(l.experts) for l in find_moe_layers(model)}
     kinds.discard(None)
     if not kinds:
@@ -192,7 +143,7 @@ def batch_replicas(model) -> int:
 @contextmanager
 def local_params(module):
     """Swap `module`'s DTensor parameters for their local shards for the duration (as transformers does)."""
-    originals = {n: p for n, p in module._parameters.items() if p is not None and _is_dtensor(p)}
+    originals = {n: p for n, p in module._parameters.items() if p is not None and is_dtensor(p)}
     module._parameters.update({n: p.to_local() for n, p in originals.items()})
     try:
         yield module
@@ -203,7 +154,7 @@ def local_params(module):
 def _ep_sparse_forward(module, hidden_states, top_k_index, top_k_weights, stock_forward=None, path=None,
                        *, num_experts: int):
     """Expert parallel: the real pairs as top-1 rows through the stock EP dispatch (always called)."""
-    h, w = _local(hidden_states), _local(top_k_weights)
+    h, w = to_local(hidden_states), to_local(top_k_weights)
     tok, slot = (top_k_index >= 0).nonzero(as_tuple=True)
     ids = top_k_index[tok, slot]
     y = stock_forward(h[tok], ids.unsqueeze(1), w[tok, slot].unsqueeze(1))  # a collective: every rank calls it
@@ -218,9 +169,9 @@ def _tp_sparse_forward(module, hidden_states, top_k_index, top_k_weights, stock_
     """Tensor parallel: allocmoe's sparse kernels on the local shards, then one all-reduce of the partial sums."""
     from . import experts_fast
 
-    h, w = _local(hidden_states), _local(top_k_weights)
-    weight = _expert_weights(module)
-    group = weight.device_mesh.get_group() if _is_dtensor(weight) else None
+    h, w = to_local(hidden_states), to_local(top_k_weights)
+    weight = expert_weights(module)
+    group = weight.device_mesh.get_group() if is_dtensor(weight) else None
     with local_params(module):
         concrete = experts_fast.resolve_path(module, path or "follow", top_k_index.numel())
         if concrete == "reference":

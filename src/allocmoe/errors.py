@@ -2,7 +2,7 @@
 
 Messages are in the terms of the Python API (parameter names such as `seq_len`, `force`). An error about
 one parameter names it in `param`; the CLI catches `AllocMoeError`, prints `error: <message>` with exit
-code 2 and adds the matching command-line flag as a hint (cli.py owns the flag names).
+code 2 and adds the matching command-line flag as a hint (allocmoe.cli owns the flag names).
 """
 
 
@@ -64,3 +64,7 @@ class FileFormatError(AllocMoeError):
 
 class OutputExistsError(AllocMoeError):
     """Refusing to overwrite something the user already has."""
+
+
+class OutputPathError(AllocMoeError):
+    """An output path cannot be written: a directory, under a regular file, or in a folder that refuses files."""

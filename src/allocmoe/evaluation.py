@@ -167,6 +167,10 @@ def perplexity(model, tokenizer, texts: list[str] | str, seq_len: int = 256, str
         "windows": len(seqs),
         "seq_len": seq_len,
         "stride": stride,
+        # per scored window, in text order (the same windows for every plan on the same text): summed NLL in
+        # nats and scored tokens, for paired comparisons (uncertainty.py)
+        "window_nll": [-v for v in logps],
+        "window_tokens": [b - a for a, b in spans],
     }
 
 
@@ -312,7 +316,8 @@ def evaluate(model, plan=None, *, tokenizer, texts: list[str] | str | None = Non
         all_counts = handle.counts()
         counts = all_counts["cumulative"]
         res = {"perplexity": ppl["perplexity"], "nll": ppl["nll"], "bits_per_byte": ppl["bits_per_byte"],
-               "tokens": ppl["tokens"], "activations_per_token": counts["activations_per_token"],
+               "tokens": ppl["tokens"], "window_nll": ppl["window_nll"], "window_tokens": ppl["window_tokens"],
+               "activations_per_token": counts["activations_per_token"],
                "activations_per_token_per_layer": counts["activations_per_token_per_layer"], "tasks": {}}
         if "compensation" in all_counts:  # measured compensation work beside the expert activations
             res["compensation"] = all_counts["compensation"]

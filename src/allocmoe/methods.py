@@ -2,55 +2,19 @@
 
 Each method is one `AllocationMethod` subclass registered in `METHODS`; the CLI's choices, the checks in
 `allocate`, and the configurations of the main job are all derived from this table, so adding a method
-is one class here (or in a file that imports `register_method`).
-
-A method gets an `AllocationContext` (budget, candidate k values, the profile if it needs one, the model
-if it needs one, seed, calibration windows) and returns one k per MoE layer with sum == B. It may add
-information to `ctx.meta`, which ends up in the plan's `meta`.
+is one class here (or one in a module of its own that subclasses methods_base.AllocationMethod, registered
+at the bottom of this file, like search.py's). The interface and the table live in methods_base.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from . import allocators
-from .errors import SettingsError
-from .registry import Registry
+from . import allocators, search
+from .methods_base import METHODS, AllocationContext, AllocationMethod, get_method, register_method
 
-
-@dataclass
-class AllocationContext:
-    budget: int  # B, activations per token summed over MoE layers
-    k_values: list[int]
-    num_layers: int
-    profile: object | None = None  # profiling.Profile when the method needs one
-    model: nn.Module | None = None
-    windows: torch.Tensor | None = None  # calibration windows (methods that score plans on text)
-    seed: int = 0
-    progress: bool = True
-    token_policy: dict | None = None  # the plan's token policy (methods that score whole plans use it)
-    meta: dict = field(default_factory=dict)
-
-
-class AllocationMethod:
-    name: str = "?"
-    label: str = "?"  # how reports name it
-    needs_profile: bool = False
-    needs_model: bool = False
-    needs_windows: bool = False
-    in_run: bool = True  # part of the main job's comparison (with the fixed token policy)
-    summary: str = ""
-
-    def allocate(self, ctx: AllocationContext) -> list[int]:
-        raise NotImplementedError
-
-
-METHODS: Registry[AllocationMethod] = Registry("allocation method", SettingsError, param="method")
-register_method = METHODS.register
-get_method = METHODS.lookup
+__all__ = ["METHODS", "AllocationContext", "AllocationMethod", "get_method", "register_method", "lexi_sensitivity"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,7 +38,7 @@ class Random(AllocationMethod):
 
 
 class _ProfileMethod(AllocationMethod):
-    needs_profile = True
+    needs_profile = guarded = True
 
     def allocate(self, ctx):
         prof = ctx.profile
@@ -83,6 +47,9 @@ class _ProfileMethod(AllocationMethod):
                         predicted_cost=sum(prof.sensitivity[l][ctx.k_values.index(k)] for l, k in enumerate(ks)))
         if prof.settings.get("token_policy", "fixed") != "fixed":
             ctx.meta["profile_token_policy"] = prof.settings["token_policy"]
+        op = getattr(prof, "operating_point", None)
+        if op is not None:  # where the profile's other layers ran (operating_point.py)
+            ctx.meta["profile_operating_point"] = {k: op[k] for k in ("at", "around", "rounds", "converged") if k in op}
         return ks
 
 
@@ -94,7 +61,7 @@ class Greedy(_ProfileMethod):
 
 @register_method
 class Lexi(AllocationMethod):
-    name, label, needs_model = "lexi", "lexi", True
+    name, label, needs_model, guarded = "lexi", "lexi", True, True
     summary = "data-free: each block's output perturbation on random inputs, then the exact DP"
 
     def allocate(self, ctx):
@@ -137,5 +104,5 @@ def lexi_sensitivity(model: nn.Module, k_values: list[int], tokens: int = 512, s
     return S
 
 
-# methods that live in their own modules register themselves on import
-from . import search  # noqa: E402,F401
+# methods in modules of their own: registered here, so importing methods.py gives the complete table
+register_method(search.Search)

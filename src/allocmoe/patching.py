@@ -25,6 +25,7 @@ from torch import nn
 
 from .adapters import MoELayer, find_moe_layers
 from . import distributed, experts_fast, policies
+from .compensation_maps import install as install_compensation
 from .errors import PlanError, SettingsError
 from .plan import Plan
 
@@ -67,7 +68,7 @@ class AppliedPlan:
     def __init__(self, model: nn.Module, plan: Plan, layers: list[MoELayer], record: bool = False,
                  count_experts: bool = True, sparse_path: str | None = None, compensation=None):
         self.model, self.plan, self.layers = model, plan, layers
-        self.compensation = compensation  # fitted dropped-expert compensation (compensation.py), or None
+        self.compensation = compensation  # fitted dropped-expert compensation (compensation_maps.py), or None
         self._comp_handle = None
         self.record = record  # keep each layer's last selected index [T, M] (tests, analysis)
         self.count_experts = count_experts  # per-expert load (cheap, but off for benchmarks)
@@ -107,9 +108,7 @@ class AppliedPlan:
             self._hooks.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             self._hooks.append(m.register_forward_hook(self._post_hook, always_call=True))
         if self.compensation is not None:
-            from .compensation import install
-
-            self._comp_handle = install(self.model, self.compensation)
+            self._comp_handle = install_compensation(self.model, self.compensation)
         setattr(self.model, _HANDLE_ATTR, self)
         # sharded model under torchrun: counts become global after every call (see distributed.py)
         self._replicas = distributed.count_replicas(self.model)

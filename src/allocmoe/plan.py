@@ -15,15 +15,14 @@ from typing import Any
 
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .adapters import MoELayer, find_moe_layers
 from .errors import FileFormatError, ModelMismatchError, PlanError
 from .io import atomic_write_json, load_json
 from .policies import get_policy
+from .schema import PLAN_FORMAT, PLAN_VERSIONS, RENORM_MODES, check_compensation_maps, parse_plan
 
-PLAN_FORMAT = "allocmoe-plan"
-PLAN_VERSION = 1
-RENORM_MODES = ("native", "renorm", "keep-mass")
+PLAN_VERSION = PLAN_VERSIONS[-1]  # the version this allocmoe writes (schema.py lists those it reads)
 
 
 def model_description(model: nn.Module | None, layers: list[MoELayer] | None = None) -> dict:
@@ -162,48 +161,33 @@ class Plan:
         """The compensation maps (None when the plan has none); loads and checks the referenced file."""
         if self.compensation_maps is not None or not self.compensation:
             return self.compensation_maps
-        from .compensation import Compensation
+        from .compensation_maps import Compensation
 
         f = Path(self.compensation["file"])
         if not f.is_absolute():
             f = (self.source_dir or Path.cwd()) / f
-        self.compensation_maps = Compensation.load(f, expected_sha256=self.compensation["sha256"], model=model)
+        maps = Compensation.load(f, expected_sha256=self.compensation["sha256"], model=model)
+        # a file fitted for another plan is refused even when its sha256 was copied into this plan
+        check_compensation_maps(self.ks, self.original_ks, self.token_policy, [sorted(m) for m in maps.maps],
+                                maps.top_k, maps.meta.get("plan"), source=f"compensation file {f}")
+        self.compensation_maps = maps
         return self.compensation_maps
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "plan") -> "Plan":
-        if not isinstance(d, dict):
-            raise PlanError(f"{source} is not a JSON object")
-        if d.get("format") != PLAN_FORMAT:
-            raise PlanError(f"{source} is not an allocmoe plan (format is {d.get('format')!r}, expected {PLAN_FORMAT!r})")
-        if d.get("version") != PLAN_VERSION:
-            raise PlanError(f"{source} has unknown plan version {d.get('version')!r} (this allocmoe reads version {PLAN_VERSION})")
-        for key in ("layers", "model", "token_policy"):
-            if key not in d:
-                raise PlanError(f"{source} has no {key!r} field")
-        if not isinstance(d["layers"], list) or not d["layers"]:
-            raise PlanError(f"{source}: 'layers' must be a non-empty list")
-        for i, l in enumerate(d["layers"]):
-            if not isinstance(l, dict) or not isinstance(l.get("k"), int) or isinstance(l.get("k"), bool):
-                raise PlanError(f"{source}: layers[{i}] must be an object with an integer 'k'")
-        tp = d["token_policy"]
-        if not isinstance(tp, dict) or "name" not in tp:
-            raise PlanError(f"{source}: 'token_policy' must be an object with a 'name'")
+        """A plan from its JSON (a dict), checked against the plan schema (schema.py): every field's type and
+        range, and a calibrated token policy's knob present and finite; `PlanError` naming the field."""
+        f = parse_plan(d, source)
         comp = d.get("compensation")
-        if comp is not None and not (isinstance(comp, dict) and isinstance(comp.get("file"), str)
-                                     and isinstance(comp.get("sha256"), str)):
-            raise PlanError(f"{source}: 'compensation' must be an object with a 'file' and its 'sha256'")
-        plan = cls(layers=copy.deepcopy(d["layers"]), model=dict(d["model"]), token_policy=dict(tp),
-                   renormalize=d.get("renormalize", "native"), method=d.get("method", "manual"),
-                   budget=dict(d.get("budget") or {}), meta=dict(d.get("meta") or {}), version=d["version"],
-                   compensation=dict(comp) if comp else None)
-        plan.validate()
-        return plan
+        return cls(layers=copy.deepcopy(d["layers"]), model=copy.deepcopy(d["model"]),
+                   token_policy=copy.deepcopy(d["token_policy"]), renormalize=f.renormalize, method=f.method,
+                   budget=copy.deepcopy(d.get("budget") or {}), meta=copy.deepcopy(d.get("meta") or {}),
+                   version=f.version, compensation=copy.deepcopy(comp) if comp else None)
 
     @classmethod
     def load(cls, plan: "Plan | dict | str | os.PathLike") -> "Plan":
         if isinstance(plan, Plan):
-            plan.validate()
+            plan.validate(require_knobs=True)  # about to be applied: a calibrated policy needs its knob
             return plan
         if isinstance(plan, dict):
             return cls.from_dict(plan)
@@ -217,27 +201,15 @@ class Plan:
         return plan
 
     # --- validation ---------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Internal consistency (model-independent). `check_model` checks the fit to a model."""
-        n = self.model.get("num_moe_layers")
-        if n is not None and n != len(self.layers):
-            raise PlanError(f"plan has {len(self.layers)} layers but its model fingerprint has {n} MoE layers")
-        name = self.policy
-        pol = get_policy(name)
-        if self.renormalize not in RENORM_MODES:
-            raise PlanError(f"unknown renormalize mode {self.renormalize!r} (choose from {', '.join(RENORM_MODES)})")
-        experts = _per_layer(self.model.get("num_experts"), len(self.layers))
-        min_k, max_k = self.token_policy.get("min_k", 1), self.token_policy.get("max_k")
-        if not isinstance(min_k, int) or min_k < 1:
-            raise PlanError(f"token policy min_k must be an integer >= 1, got {min_k!r}")
-        for i, (k, e) in enumerate(zip(self.ks, experts)):
-            hi = e if max_k is None else min(e, max_k)
-            lo = min_k if pol.k_at_least_min_k else 1
-            if not (lo <= k <= hi):
-                raise PlanError(f"layer {i}: k={k} is out of range [{lo}, {hi}]"
-                                + (" (min_k/max_k of the token policy)" if not pol.exact else ""))
-        if max_k is not None and (not isinstance(max_k, int) or max_k < min_k):
-            raise PlanError(f"token policy max_k must be an integer >= min_k ({min_k}), got {max_k!r}")
+    def validate(self, require_knobs: bool = False) -> None:
+        """Internal consistency (model-independent), by the same schema as a plan file (meta excepted: in
+        memory it may hold any values). `require_knobs`: a calibrated policy's knob must be there (a plan
+        being made may lack it until calibration). `check_model` checks the fit to a model."""
+        d = {"format": PLAN_FORMAT, "version": self.version, "method": self.method, "budget": self.budget or None,
+             "token_policy": self.token_policy, "renormalize": self.renormalize, "layers": self.layers,
+             "model": self.model, "meta": self.meta if not isinstance(self.meta, dict) else None,
+             "compensation": self.compensation}
+        parse_plan(d, "plan", require_knobs=require_knobs)
 
     def check_model(self, layers: list[MoELayer], model: nn.Module | None = None) -> None:
         if len(layers) != len(self.layers):

@@ -1,15 +1,17 @@
 """Alloc-L sensitivity profiling: how much quality drops when MoE layer l alone runs top-k.
 
 S[l][k] for k in k_values, with every other layer at its original K, measured on calibration windows
-against the unmodified model, with two metrics computed in the same pass:
+against the unmodified model, with two metrics (the `metric` every command and plan names) computed in the same pass:
   loss  mean increase of next-token NLL on the calibration text,
   kl    mean KL(p_full || p_candidate) of the next-token distributions.
+At an operating point (`at=BUDGET`, operating_point.py) the other layers run that budget's allocation
+instead of full K (`around=`): one more forward per batch, at the allocation, is cached and replayed.
 
 Cost. The naive method runs a full forward for every (layer, k). The hidden states entering the
 decoder layer that holds MoE layer l do not depend on k, so per calibration batch we run the full
 model once (the reference, caching every decoder layer's output) and, for each candidate, replace
 decoder layers before l by their cached outputs: only layers l..end (+ head) run again. k = K under
-native weights is the reference itself (bitwise, see apply.py), so its row entry is 0 without a run.
+native weights is the reference itself (bitwise, see patching.py), so its row entry is 0 without a run.
 
 Streaming and resume. Batches are processed one at a time; memory is bounded by one batch's
 activations, its cached decoder outputs (num_decoder_layers x batch x seq x hidden) and its reference
@@ -26,6 +28,8 @@ every batch (each forward is a collective). See distributed.py.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import os
 import time
@@ -42,13 +46,13 @@ from . import distributed
 from .adapters import decoder_layers, find_moe_layers
 from .patching import apply
 from .data import fingerprint_tokens
-from .divergence import Reference
+from .divergence import Reference, model_device
 from .errors import FileFormatError, ProfileError
 from .io import atomic_write_json, load_json
 from .plan import check_fingerprint, fingerprint, full_plan
+from .schema import PROFILE_FORMAT, PROFILE_VERSIONS, parse_profile
 
-PROFILE_FORMAT = "allocmoe-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = PROFILE_VERSIONS[-1]  # the version this allocmoe writes (schema.py lists those it reads)
 METRICS = ("kl", "loss")
 
 
@@ -63,11 +67,17 @@ class Profile:
     metrics: dict = field(default_factory=dict)  # every metric's matrix, same layout
     settings: dict = field(default_factory=dict)
     version: int = PROFILE_VERSION
+    # where the other layers ran (operating_point.py): {"at": "full"} or the budget, allocation and rounds;
+    # None: not recorded (every other layer at full K)
+    operating_point: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"format": PROFILE_FORMAT, "version": self.version, "metric": self.metric,
-                "k_values": self.k_values, "sensitivity": self.sensitivity, "tokens": self.tokens,
-                "metrics": self.metrics, "data": self.data, "settings": self.settings, "model": self.model}
+        d = {"format": PROFILE_FORMAT, "version": self.version, "metric": self.metric,
+             "k_values": self.k_values, "sensitivity": self.sensitivity, "tokens": self.tokens,
+             "metrics": self.metrics, "data": self.data, "settings": self.settings, "model": self.model}
+        if self.operating_point is not None:
+            d["operating_point"] = self.operating_point
+        return d
 
     def save(self, path) -> None:
         atomic_write_json(path, self.to_dict())
@@ -76,31 +86,18 @@ class Profile:
         if metric not in self.metrics:
             raise ProfileError(f"profile has no {metric!r} matrix (has {', '.join(self.metrics)})")
         return Profile(self.k_values, self.metrics[metric], metric, self.tokens, self.model, self.data,
-                       self.metrics, self.settings)
+                       self.metrics, self.settings, operating_point=self.operating_point)
 
     @classmethod
     def from_dict(cls, d, source="profile") -> "Profile":
-        if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
-            raise ProfileError(f"{source} is not an allocmoe profile (no \"format\": \"{PROFILE_FORMAT}\")")
-        if d.get("version") != PROFILE_VERSION:
-            raise ProfileError(f"{source} has unknown profile version {d.get('version')!r} "
-                               f"(this allocmoe reads version {PROFILE_VERSION})")
-        for key in ("k_values", "sensitivity", "model", "metric"):
-            if key not in d:
-                raise ProfileError(f"{source} has no {key!r} field")
-        ks, S = d["k_values"], d["sensitivity"]
-        if not isinstance(ks, list) or not ks or not all(isinstance(k, int) and k >= 1 for k in ks) \
-                or ks != sorted(set(ks)):
-            raise ProfileError(f"{source}: 'k_values' must be a non-empty ascending list of positive integers")
-        if not isinstance(S, list) or not S or any(not isinstance(r, list) or len(r) != len(ks) for r in S):
-            raise ProfileError(f"{source}: 'sensitivity' must have one row of {len(ks)} values per MoE layer")
-        if any(not isinstance(v, (int, float)) or not math.isfinite(v) for r in S for v in r):
-            raise ProfileError(f"{source}: 'sensitivity' holds a non-numeric or non-finite value")
-        n = d["model"].get("num_moe_layers") if isinstance(d["model"], dict) else None
-        if n is not None and n != len(S):
-            raise ProfileError(f"{source}: {len(S)} sensitivity rows but the model fingerprint has {n} MoE layers")
-        return cls(ks, S, d["metric"], int(d.get("tokens", 0)), d["model"], d.get("data", {}),
-                   d.get("metrics", {d["metric"]: S}), d.get("settings", {}), d["version"])
+        """A profile from its JSON (a dict), checked against the profile schema (schema.py): types, finite
+        values, one row per MoE layer aligned with k_values; `ProfileError` naming the field."""
+        f = parse_profile(d, source)
+        S = copy.deepcopy(d["sensitivity"])
+        return cls(list(d["k_values"]), S, f.metric, f.tokens, copy.deepcopy(d["model"]),
+                   copy.deepcopy(d.get("data") or {}), copy.deepcopy(d.get("metrics") or {f.metric: S}),
+                   copy.deepcopy(d.get("settings") or {}), f.version,
+                   copy.deepcopy(d.get("operating_point")))
 
     @classmethod
     def load(cls, src) -> "Profile":
@@ -173,33 +170,56 @@ def _batch_metrics(logits: torch.Tensor, ref: Reference, ref_nll: torch.Tensor,
     return float((nll.double() - ref_nll.double()).sum()), float(kl.double().sum())
 
 
-def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_min: int = 1,
-            k_max: int | None = None, batch_size: int = 8, renormalize: str = "native", cached: bool = True,
+def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_from: int = 1,
+            k_to: int | None = None, batch_size: int = 8, renormalize: str = "native", cached: bool = True,
             out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
-            data_info: dict | None = None, token_policy: str = "fixed") -> Profile:
+            data_info: dict | None = None, token_policy: str = "fixed", write=None, at=None,
+            rounds: int | None = None, around: list[int] | None = None) -> Profile:
     """Profile every MoE layer of `model` on token `windows` [N, seq_len] (see module docstring).
+
+    `at` is the operating point (operating_point.py): None or "full" measures each layer with every other
+    layer at full K; a budget (a fraction or activations per token) measures S[l][k] with every other layer
+    at that budget's allocation (uniform first, then the DP plan, at most `rounds` profiles), KL to the full
+    model. `around` (one k per MoE layer) is one such pass: the other layers at these k.
+
+    `write`: how the finished profile's dict is written (default: to `out`; the CLI passes the writer of its
+    checked output, which never clobbers a file that appeared meanwhile). `out` also names the partial file.
 
     `token_policy` profiles each layer under the policy that will be deployed (policy-aware profiling):
     S[l][k] is then the cost of layer l alone averaging k experts per token under that policy (`global`:
     the batch's tokens share k*T activations; calibrated policies: their knob tuned so layer l averages k
-    on the calibration windows).
+    on the calibration windows). The candidate k values are k_from..k_to (default: 1..the model's top-k),
+    the per-layer counts a plan may choose; not the per-token floor and ceiling (`min_k`, `max_k`) of a
+    token policy.
     """
     from .policies import get_policy
 
+    if at is not None and not (isinstance(at, str) and at.strip().lower() == "full"):
+        from .operating_point import profile_at
+
+        return profile_at(_profile, model, windows, at, rounds=rounds, metric=metric, k_from=k_from, k_to=k_to,
+                          batch_size=batch_size, renormalize=renormalize, cached=cached, out=out, resume=resume,
+                          progress=progress, data_info=data_info, token_policy=token_policy, write=write)
     pol = get_policy(token_policy)
     if metric not in METRICS:
         raise ProfileError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
     layers = find_moe_layers(model)
     K = max(l.top_k for l in layers)
-    k_max = K if k_max is None else k_max
-    if not (1 <= k_min <= k_max <= min(l.num_experts for l in layers)):
-        raise ProfileError(f"invalid k range [{k_min}, {k_max}]: need 1 <= k_min <= k_max <= number of experts")
-    k_values = list(range(k_min, k_max + 1))
+    k_to = K if k_to is None else k_to
+    if not (1 <= k_from <= k_to <= min(l.num_experts for l in layers)):
+        raise ProfileError(f"invalid candidate k range [{k_from}, {k_to}]: need 1 <= k_from <= k_to <= number of "
+                           "experts")
+    k_values = list(range(k_from, k_to + 1))
     L, nk = len(layers), len(k_values)
     decoder, dec_idx = _decoder_layers(model, layers)
-    settings = {"k_min": k_min, "k_max": k_max, "batch_size": batch_size, "seq_len": int(windows.shape[1]),
+    settings = {"k_from": k_from, "k_to": k_to, "batch_size": batch_size, "seq_len": int(windows.shape[1]),
                 "windows": int(windows.shape[0]), "renormalize": renormalize, "cached": cached,
                 "token_policy": token_policy}
+    if around is not None:
+        if len(around) != L or any(k not in k_values for k in around):
+            raise ProfileError(f"around must give one of the candidate k {k_values} per MoE layer ({L}), got "
+                               f"{list(around)}", param="around")
+        settings["around"] = [int(k) for k in around]
     data = dict(data_info or {}, fingerprint=fingerprint_tokens(windows))
     fp = fingerprint(layers, model)
 
@@ -219,6 +239,11 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
     # skip (l, K) under native weights: it *is* the reference model
     todo = [(l, j) for l in range(L) for j, k in enumerate(k_values)
             if not (k == layers[l].top_k and renormalize == "native" and pol.exact)]
+    base_j = None  # operating point: (l, around[l]) is the surrounding allocation itself, run once per batch
+    if around is not None:
+        base_j = [k_values.index(k) for k in around]
+        todo = [(l, j) for l in range(L) for j in range(nk) if j != base_j[l]]
+    filled = todo + [(l, j) for l, j in enumerate(base_j or [])]
     knobs = None
     if pol.calibrated:
         from .calibration import layer_knobs
@@ -231,8 +256,7 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
     main = distributed.is_main()
     bar = tqdm(total=len(range(start + dp_rank, n_batches, dp_size)) * len(todo), disable=not progress or not main,
                desc="profiling", unit="cand", dynamic_ncols=True)
-    # inputs go where the model's first materialised weights are (accelerate's hooks move them on from there)
-    dev = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    dev = model_device(model)
     cache = _Cache(decoder)
     handle = apply(model, full_plan(model))
     t0 = time.perf_counter()
@@ -244,7 +268,7 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
                 if b < n_batches:
                     x = windows[b * batch_size:(b + 1) * batch_size].to(dev)
                     targets = x[:, 1:]
-                    hooks = cache.capture() if cached else []
+                    hooks = cache.capture() if cached and around is None else []
                     try:
                         ref = model(x, use_cache=False).logits
                     finally:
@@ -254,24 +278,41 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
                     ref_nll = -ref_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                     reference = Reference.from_logp(ref_logp)
                     del ref, ref_logp
-                    for l, j in todo:
-                        d = dec_idx[l] if cached else 0
-                        cache.replay_before(d)
-                        try:
-                            with handle.override_layer(l, k=k_values[j], renormalize=renormalize,
-                                                       token_policy=None if pol.exact else token_policy,
-                                                       params={pol.param: knobs[l][j]} if knobs else None):
+
+                    def at_k(l, j):
+                        return handle.override_layer(l, k=k_values[j], renormalize=renormalize,
+                                                     token_policy=None if pol.exact else token_policy,
+                                                     params={pol.param: knobs[l][j]} if knobs else None)
+
+                    with contextlib.ExitStack() as surround:
+                        if around is not None:  # every layer at its k of `around`; cache this run instead
+                            for l in range(L):
+                                surround.enter_context(at_k(l, base_j[l]))
+                            hooks = cache.capture() if cached else []
+                            try:
                                 logits = model(x, use_cache=False).logits
-                        finally:
-                            cache.restore(d)
-                        dl, dk = _batch_metrics(logits, reference, ref_nll, targets)
-                        row[l * nk + j], row[(L + l) * nk + j] = dl, dk
-                        bar.update(1)
+                            finally:
+                                for h in hooks:
+                                    h.remove()
+                            dl, dk = _batch_metrics(logits, reference, ref_nll, targets)
+                            for l in range(L):
+                                row[l * nk + base_j[l]], row[(L + l) * nk + base_j[l]] = dl, dk
+                        for l, j in todo:
+                            d = dec_idx[l] if cached else 0
+                            cache.replay_before(d)
+                            try:
+                                with at_k(l, j):
+                                    logits = model(x, use_cache=False).logits
+                            finally:
+                                cache.restore(d)
+                            dl, dk = _batch_metrics(logits, reference, ref_nll, targets)
+                            row[l * nk + j], row[(L + l) * nk + j] = dl, dk
+                            bar.update(1)
                     row[-1] = targets.numel()
                     cache.outputs = [None] * len(decoder)
                 for i, r in enumerate(distributed.gather_rows(row, reps)):
                     if b0 + i < n_batches:
-                        for l, j in todo:
+                        for l, j in filled:
                             acc["loss"][l][j] += float(r[l * nk + j])
                             acc["kl"][l][j] += float(r[(L + l) * nk + j])
                         tokens += int(r[-1])
@@ -284,10 +325,18 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_mi
     elapsed = time.perf_counter() - t0
     mats = {m: [[v / tokens for v in row] for row in acc[m]] for m in METRICS}
     prof = Profile(k_values, mats[metric], metric, tokens, fp, data, mats, settings)
+    if at is not None:  # "full", asked for explicitly: recorded
+        prof.operating_point = {"at": "full"}
     prof.elapsed_s = elapsed  # not serialised: the profile file is deterministic
     if out is not None and main:
-        prof.save(out)
+        if write is None:
+            prof.save(out)
+        else:
+            write(prof.to_dict())
         if partial is not None and partial.exists():
             partial.unlink()
     distributed.barrier()
     return prof
+
+
+_profile = profile  # the passes of an operating-point profile call this one, whatever `profile` is rebound to

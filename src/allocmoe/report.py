@@ -177,6 +177,59 @@ def sensitivity_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _paired_windows(rows: list[dict], key: str | None = None):
+    """(window tokens, per-row window NLLs) when every row was scored on the same windows, else None."""
+    data = [r if key is None else (r.get(key) or {}) for r in rows]
+    if not data or any("window_nll" not in d or "window_tokens" not in d for d in data):
+        return None
+    toks = data[0]["window_tokens"]
+    if len(toks) < 2 or any(d["window_tokens"] != toks for d in data):
+        return None
+    return toks, [d["window_nll"] for d in data]
+
+
+def _vs_uniform(rows: list[dict], u: int, key: str | None = None) -> list[str]:
+    """Each row's Δppl against row `u` (uniform) with its paired-bootstrap interval; ≈ where it contains 0."""
+    from .uncertainty import Bootstrap
+
+    paired = _paired_windows(rows, key)
+    if paired is None:
+        return []
+    toks, nlls = paired
+    bs = Bootstrap(toks)
+    cells = []
+    for i, v in enumerate(nlls):
+        if i == u:
+            cells.append("(reference)")
+            continue
+        iv = bs.relative(nlls[u], v)
+        cells.append(f"{100 * iv['delta']:+.1f}% [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}]"
+                     + ("" if iv["resolved"] else " ≈"))
+    return cells
+
+
+def _uncertainty(rows: list[dict]) -> tuple[list[str], list[str], list[str], str]:
+    """A budget table's ranks (only orders the validation windows resolve; "=" marks a shared rank), its
+    Δ-vs-uniform cells (validation, OOD) and the note explaining them; plain ranks without window data."""
+    from .uncertainty import LEVEL, RESAMPLES, resolved_ranks
+
+    paired = _paired_windows(rows)
+    u = next((i for i, r in enumerate(rows) if r.get("method") == "uniform" and r.get("policy", "fixed") == "fixed"
+              and not r.get("compensated")), None)
+    if paired is None:
+        return [str(i) for i in range(1, len(rows) + 1)], [], [], ""
+    ranks = resolved_ranks(paired[1], paired[0])
+    shown = [("=" if ranks.count(k) > 1 else "") + str(k) for k in ranks]
+    vs_val = _vs_uniform(rows, u) if u is not None else []
+    vs_ood = _vs_uniform(rows, u, "ood") if u is not None else []
+    note = (f"Uncertainty: every configuration is scored on the same {len(paired[0])} validation windows; "
+            f"`Δ vs uniform` is the perplexity relative to uniform top-k with its {LEVEL:.0%} paired-bootstrap "
+            f"interval over windows ({RESAMPLES} seeded resamples), ≈ marking a difference the interval does not "
+            f"resolve (it contains 0). `rank` is 1 + the number of configurations with a resolved lower validation "
+            f"perplexity, so configurations the data cannot tell apart share a rank (=).")
+    return shown, vs_val, vs_ood, note
+
+
 def markdown_report(results: dict) -> str:
     m, s = results["model"], results["settings"]
     full = next(r for r in results["configs"] if r["method"] == "full")
@@ -204,18 +257,23 @@ def markdown_report(results: dict) -> str:
         rows.sort(key=lambda r: r["perplexity"])
         lines += [f"## Budget {b} of the original", ""]
         has_ood = "ood" in full
-        head = "| rank | method | act/tok | val ppl | Δppl | bits/byte |" + " OOD ppl | OOD Δppl |" * has_ood
+        ranks, vs_val, vs_ood, note = _uncertainty(rows)
+        lines += [note, ""] if note else []
+        head = ("| rank | method | act/tok | val ppl | Δppl |" + " Δ vs uniform (95% CI) |" * bool(vs_val)
+                + " bits/byte |" + " OOD ppl | OOD Δppl |" * has_ood + " OOD Δ vs uniform (95% CI) |" * bool(vs_ood))
         head += "".join(f" {t} acc |" for t in task_names)
         head += " comp (act. equiv.) | prefill x (limit) | decode x (limit) | per-layer k |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
-        for i, r in enumerate(rows, 1):
+        for i, r in enumerate(rows):
             sp = r.get("speed") or {}
-            row = (f"| {i} | {r['label']} | {_fmt(r['activations_per_token'], 2)} | {_fmt(r['perplexity'])} | "
-                   f"{100 * (r['perplexity'] / full['perplexity'] - 1):+.1f}% | {_fmt(r['bits_per_byte'], 4)} |")
+            row = (f"| {ranks[i]} | {r['label']} | {_fmt(r['activations_per_token'], 2)} | {_fmt(r['perplexity'])} | "
+                   f"{100 * (r['perplexity'] / full['perplexity'] - 1):+.1f}% |" + (f" {vs_val[i]} |" if vs_val else "")
+                   + f" {_fmt(r['bits_per_byte'], 4)} |")
             if has_ood:
                 o = r.get("ood") or {}
                 row += (f" {_fmt(o.get('perplexity'))} | "
                         f"{100 * (o['perplexity'] / full['ood']['perplexity'] - 1):+.1f}% |" if o else " - | - |")
+                row += f" {vs_ood[i]} |" if vs_ood else ""
             row += "".join(f" {_fmt(r['tasks'][t]['accuracy'])} |" for t in task_names)
             row += f" {_comp_cell(r)} | {_speed_cell(sp, 'prefill')} | {_speed_cell(sp, 'decode')} | {r['ks']} |"
             lines.append(row)

@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from . import __version__
+from ._version import __version__
 from .adapters import find_moe_layers
 from .data import read_texts, token_windows
-from .errors import OutputExistsError
 from .evaluation import evaluate, load_task, shipped_tasks
-from .io import atomic_write_json
+from .io import atomic_write_json, prepare_output_dir
 from .methods import METHODS
 from .models import load_model, local_path
 from .plan import Plan, model_description
 from .planning import add_compensation, allocate
+from .recipe import Recipe
 from .policies import TOKEN_POLICIES
 from .profiling import profile as run_profile
 from .report import sensitivity_heatmap, write_report
@@ -122,11 +122,16 @@ class RunSettings:
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OutputExistsError(f"{out} is not empty; refusing to overwrite its files", param="force")
+    prepare_output_dir(out, force)
     (out / "plans").mkdir(parents=True, exist_ok=True)
+
+
+def config_recipe(c: RunConfig, budget: float, s: RunSettings, calibration_tokens: int) -> Recipe:
+    """How the main job makes configuration `c`'s plan at `budget`: its method and token policy, the run's
+    renormalisation and seed, and the first `calibration_tokens` of the calibration text."""
+    return Recipe.from_keywords(budget=budget, method=c.method, token_policy=c.policy, renormalize=s.renormalize,
+                                seed=s.seed, compensate=c.compensate, calibration_tokens=calibration_tokens,
+                                seq_len=s.seq_len, calibration_files=s.calibration_data)
 
 
 def evaluate_config(model, tok, plan: Plan | None, texts, tasks: list[dict], s: RunSettings) -> dict:
@@ -162,13 +167,15 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
 
     configs_to_run = run_configs(ablation=s.ablation, policy_aware=s.policy_aware)
     mid = ablation_budget(s.budgets)
-    profiles, profile_seconds_pa = {"fixed": prof}, None
+    profile_seconds_pa = None
+    profile_files = {"fixed": out / "profile.json"}
     for pp in sorted({c.profile_policy for c in configs_to_run} - {"fixed"}):
         console.print(f"  policy-aware profile ({pp}) for the ablation")
         t0 = time.perf_counter()
-        profiles[pp] = run_profile(model, cal, metric=s.metric, batch_size=s.batch_size, renormalize=s.renormalize,
+        run_profile(model, cal, metric=s.metric, batch_size=s.batch_size, renormalize=s.renormalize,
                                    out=out / f"profile_{pp}.json", data_info={"files": cal_names},
                                    token_policy=pp, progress=False)
+        profile_files[pp] = out / f"profile_{pp}.json"
         profile_seconds_pa = round(time.perf_counter() - t0, 2)
     console.print("[bold]2/4 allocating[/bold] " + ", ".join(c.label for c in configs_to_run)
                   + f" at budgets {s.budgets}")
@@ -182,9 +189,10 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
             t0 = time.perf_counter()
             key = (b, c.method, c.policy, c.profile_policy)
             if key not in made:
-                made[key] = allocate(model, b, c.method, profile=profiles[c.profile_policy], token_policy=c.policy,
-                                     renormalize=s.renormalize, seed=s.seed, windows=pol_cal, progress=False)
-            plan = add_compensation(model, made[key], windows=pol_cal, progress=False) if c.compensate else made[key]
+                # the plan's recipe names the profile file, so the plan can be re-made from it
+                made[key] = allocate(model, config_recipe(replace(c, compensate=False), b, s, pol_cal.numel()),
+                                     profile=profile_files[c.profile_policy], tokenizer=tok, progress=False)
+            plan = add_compensation(model, made[key], tokenizer=tok, progress=False) if c.compensate else made[key]
             t_alloc[f"{b}/{c.label}"] = round(time.perf_counter() - t0, 2)
             plan.save(out / "plans" / f"{plan_file_stem(c.label, b)}.json")
             plans.append((c.label, c.method, b, plan))
@@ -198,7 +206,8 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
             return {}
         r = evaluate(model, plan, tokenizer=tok, texts=ood_texts, seq_len=s.seq_len, batch_size=s.batch_size,
                      max_tokens=s.ood_tokens)
-        return {"ood": {k: r[k] for k in ("perplexity", "tokens", "activations_per_token", "compensation") if k in r}}
+        return {"ood": {k: r[k] for k in ("perplexity", "tokens", "activations_per_token", "compensation",
+                                          "window_nll", "window_tokens") if k in r}}
 
     configs = []
     full_res = evaluate_config(model, tok, None, val_texts, tasks, s)

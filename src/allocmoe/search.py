@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import allocators
-from .divergence import Reference
-from .methods import AllocationContext, AllocationMethod, register_method
+from .divergence import Reference, mean_kl, references
+from .methods_base import AllocationContext, AllocationMethod
 
 
 class PlanFitness:
@@ -36,11 +36,9 @@ class PlanFitness:
 
         self.model, self.windows, self.batch_size = model, windows, batch_size
         self.token_policy = token_policy
-        self.ref: list[Reference] = []  # per batch
         self.cache: dict[tuple[tuple[int, ...], int], float] = {}
-        with apply(model, full_plan(model)), torch.no_grad():
-            for b in range(0, len(windows), batch_size):
-                self.ref.append(Reference.of(model(windows[b:b + batch_size], use_cache=False).logits))
+        with apply(model, full_plan(model)):
+            self.ref: list[Reference] = references(model, windows, batch_size)  # per batch, on the model's device
 
     def __call__(self, ks: list[int], n_windows: int) -> float:
         key = (tuple(ks), n_windows)
@@ -53,14 +51,8 @@ class PlanFitness:
         from .plan import make_plan
 
         plan = make_plan(self.model, list(ks), token_policy=dict(self.token_policy), method="search")
-        total, n = 0.0, 0
-        with apply(self.model, plan, count_experts=False), torch.no_grad():
-            for i, b in enumerate(range(0, min(n_windows, len(self.windows)), self.batch_size)):
-                x = self.windows[b:min(b + self.batch_size, n_windows)]
-                ref = self.ref[i].head(len(x))
-                total += ref.kl_sum(self.model(x, use_cache=False).logits)
-                n += ref.plogp.numel()
-        return total / n
+        with apply(self.model, plan, count_experts=False):
+            return mean_kl(self.model, self.windows[:n_windows], self.ref, self.batch_size)
 
 
 def mutate(ks: list[int], k_values: list[int], rng: random.Random, moves: int) -> list[int]:
@@ -109,10 +101,11 @@ def search_allocation(fitness: PlanFitness, start: list[int], k_values: list[int
     return parent, history
 
 
-@register_method
+# registered in methods.py, after the built-in methods (the order the CLI lists them in)
 class Search(AllocationMethod):
     name, label = "search", "search"
     needs_model, needs_windows, in_run = True, True, False
+    guarded = True
     summary = "end-to-end (1+lambda) search from the dp plan (with --profile) or uniform, scored by KL on calibration text (needs the model)"
     generations, offspring, low_windows, high_windows = 12, 8, 4, 16
 

@@ -2,6 +2,7 @@
 
     build_shape("deepseek-v2-lite")      # 4 decoder layers (1 dense + 3 MoE), fp32
     build_shape("deepseek-v2-lite:8", dtype=torch.bfloat16)
+    build_shape("qwen3-30b-a3b")         # 2 of Qwen3-30B-A3B's 48 layers (128 experts, top-8)
 
 The hub is unreachable here, so the benchmark cannot load DeepSeek-V2-Lite itself. What a speed
 measurement needs is the *shape* of the compute: the same hidden size, the same routed and shared
@@ -34,7 +35,20 @@ DEEPSEEK_V2_LITE = dict(
     eos_token_id=100001, pad_token_id=None,
 )
 
-SHAPES = {"deepseek-v2-lite": (DEEPSEEK_V2_LITE, 27, 4)}  # name: (config, real layers, default layers)
+# Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B config.json), except num_hidden_layers (48 there) and the context length
+# (40960 there; irrelevant to speed at these sequence lengths). One layer's experts are 604M parameters.
+QWEN3_30B_A3B = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_attention_heads=32,
+    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+    decoder_sparse_step=1, mlp_only_layers=[], hidden_act="silu", max_position_embeddings=4096, rms_norm_eps=1e-6,
+    rope_theta=1000000.0, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+)
+
+SHAPES = {"deepseek-v2-lite": (DEEPSEEK_V2_LITE, 27, 4),  # name: (config, real layers, default layers)
+          "qwen3-30b-a3b": (QWEN3_30B_A3B, 48, 2)}
+# name: (transformers config class, architecture)
+_CLASSES = {"deepseek-v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+            "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
 
 
 def parse_shape(spec: str) -> tuple[str, int]:
@@ -63,8 +77,9 @@ def shape_config(spec: str):
 
     name, layers = parse_shape(spec)
     cfg = dict(SHAPES[name][0], num_hidden_layers=layers)
-    config = tf.DeepseekV2Config(**cfg)
-    config.architectures = ["DeepseekV2ForCausalLM"]
+    cls, arch = _CLASSES[name]
+    config = getattr(tf, cls)(**cfg)
+    config.architectures = [arch]
     config._name_or_path = f"shape:{name}:{layers}"
     return config
 

@@ -17,8 +17,9 @@ _COMMON = dict(vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_va
                max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: int = 4):
-    c = dict(_COMMON, num_hidden_layers=num_layers)
+def tiny_config(family: str, num_layers: int = 3, num_experts: int = 8, top_k: int = 4, vocab_size: int = 100,
+                max_position_embeddings: int = 128):
+    c = dict(_COMMON, num_hidden_layers=num_layers, vocab_size=vocab_size, max_position_embeddings=max_position_embeddings)
     if family.startswith("deepseek"):
         c["num_key_value_heads"] = c["num_attention_heads"]  # MLA: one latent KV per head
     if family == "deepseek_v2":
@@ -82,6 +83,22 @@ def tiny_tokenizer():
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
+
+
+def bpe_tokenizer(corpus: list[str], bos: bool = True, vocab_size: int = 300):
+    """A byte-level BPE (about `vocab_size` tokens) trained on `corpus`, built offline: unlike tiny_tokenizer it
+    has multi-byte tokens and splits UTF-8 characters. With `bos=False` it has no BOS token at all."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"], show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    extra = {"bos_token": "<|bos|>"} if bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>", pad_token="<|pad|>", **extra)
 
 
 def save_tiny(family: str, path, **kw) -> str:

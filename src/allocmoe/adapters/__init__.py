@@ -11,10 +11,10 @@ import re
 
 from torch import nn
 
-from ..distributed import global_num_experts
 from ..errors import NoMoELayersError, UnsupportedModelError
 from .base import FamilyAdapter, MoELayer, RouterScores
 from .families import ADAPTERS, REFUSED
+from .sharding import global_num_experts
 
 __all__ = ["find_moe_layers", "decoder_layers", "FamilyAdapter", "MoELayer", "RouterScores", "ADAPTERS",
            "model_type"]

@@ -10,7 +10,7 @@ Modules, one concern each:
 - stats: summaries, ratios, the Amdahl limit, token-policy overhead, the reliability flags (pure);
 - runner: `BenchSettings`, `run_bench`, `amdahl`, the default configs;
 - tables: markdown tables.
-The command line (`allocmoe bench`) lives in allocmoe.cli.
+The command line (`allocmoe bench`) lives in allocmoe.cli (job_cmds.py).
 """
 
 from .environment import environment, load_average, machine_busy, set_experts_implementation

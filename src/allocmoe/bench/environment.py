@@ -13,7 +13,8 @@ import platform
 import torch
 from torch import nn
 
-from .. import __version__, experts_fast
+from .. import experts_fast
+from .._version import __version__
 from ..errors import SettingsError
 
 

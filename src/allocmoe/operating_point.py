@@ -1,0 +1,74 @@
+"""Operating-point profiling (`profile(..., at=BUDGET)`, `allocmoe profile --at BUDGET`).
+
+The full-K profile measures each layer with every other layer at its original K, but at a 50% budget no
+layer ever runs beside full-K neighbours, so the per-layer costs the DP adds up are measured at the wrong
+point. Here S[l][k] is KL(full model || model with layer l at k and every other layer at the budget's
+allocation), and that allocation is found by a fixed-point loop:
+
+  round 1: the other layers at the uniform allocation of the budget; DP on that profile -> plan P1;
+  round r: re-profile around P(r-1); DP -> P(r); stop when the plan stops changing, or after `rounds`.
+
+Each round is one cached profiling pass (profiling.py, `around=`): per batch one full-model forward (the
+reference), one forward at the surrounding allocation (cached: decoder layers before l run the allocation's
+k, which does not change while layer l varies) and one partial forward per (layer, k) candidate, so a round
+costs about one full-K profile; the default of 2 rounds keeps the whole at 2x it. The returned profile is
+the last round's; its `operating_point` records the budget, the allocation it was measured around, the
+allocation of every round, and whether the DP plan on it equals that allocation (a fixed point).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+from . import allocators, distributed
+from .adapters import find_moe_layers
+from .errors import ProfileError
+
+DEFAULT_ROUNDS = 2  # uniform, then around its DP plan: at most 2x the full-K profile
+
+
+def profile_at(profile, model: nn.Module, windows: torch.Tensor, at, *, rounds: int | None = None,
+               metric: str = "kl", k_from: int = 1, k_to: int | None = None, out: str | os.PathLike | None = None,
+               write=None, progress: bool = True, **kw):
+    """The profile at budget `at`'s operating point (module docstring). `profile` is profiling.profile (passed
+    in, so neither module imports the other's), `kw` its other settings. Round r's partial file is
+    `<out>.round<r>.partial.json` (so `resume=True` continues the round in progress)."""
+    rounds = DEFAULT_ROUNDS if rounds is None else rounds
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ProfileError(f"rounds must be an integer >= 1, got {rounds!r}", param="rounds")
+    layers = find_moe_layers(model)
+    K = max(l.top_k for l in layers)
+    k_hi = K if k_to is None else k_to
+    if not 1 <= k_from <= k_hi:
+        raise ProfileError(f"invalid candidate k range [{k_from}, {k_hi}]: need 1 <= k_from <= k_to", param="k_from")
+    k_values = list(range(k_from, k_hi + 1))
+    B = allocators.parse_budget(at, len(layers), K, k_from, k_hi)
+    around = allocators.uniform_allocate(len(layers), k_values, B)
+    history, elapsed = [], 0.0
+    for r in range(rounds):
+        history.append(around)
+        if progress and distributed.is_main():
+            print(f"operating point {at}: round {r + 1}/{rounds}, other layers at {around}", file=sys.stderr,
+                  flush=True)
+        prof = profile(model, windows, metric=metric, k_from=k_from, k_to=k_to, progress=progress, around=around,
+                       out=None if out is None else f"{out}.round{r + 1}", write=lambda d: None, **kw)
+        elapsed += getattr(prof, "elapsed_s", 0.0)
+        plan = allocators.dp_allocate(prof.sensitivity, k_values, B)
+        if plan == around:
+            break
+        if r + 1 < rounds:
+            around = plan
+    prof.operating_point = {"at": str(at), "budget": B, "around": around, "rounds": len(history),
+                            "allocations": history, "dp_plan": plan, "converged": plan == around}
+    prof.elapsed_s = elapsed
+    if out is not None and distributed.is_main():
+        if write is None:
+            prof.save(out)
+        else:
+            write(prof.to_dict())
+    distributed.barrier()
+    return prof

