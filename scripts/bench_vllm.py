@@ -29,11 +29,11 @@ from pathlib import Path
 
 
 def shape_dir(spec: str, out: Path) -> Path:
-    from allocmoe.shapes import SHAPES, _CLASSES, parse_shape
+    from allocmoe.shapes import SHAPES, SHAPE_CLASSES, parse_shape
 
     name, layers = parse_shape(spec)
     cfg = dict(SHAPES[name][0], num_hidden_layers=layers)
-    cls, arch = _CLASSES[name]
+    cls, arch = SHAPE_CLASSES[name]
     model_type = {"Qwen3MoeConfig": "qwen3_moe", "DeepseekV2Config": "deepseek_v2"}[cls]
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**cfg, "model_type": model_type, "architectures": [arch],
@@ -81,6 +81,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.28, help="per engine (three engines)")
+    ap.add_argument("--kv-cache-mib", type=int, default=256, help="CPU: KV cache per engine (MiB)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
@@ -95,7 +96,8 @@ def main() -> int:
     plan = Path(a.plan) if a.plan else synth_plan(model_dir, k, tmp / "plan.json")
     os.environ.setdefault("ALLOCMOE_COUNTS", str(tmp / "counts.json"))
     common = dict(model=str(model_dir), dtype=a.dtype, max_model_len=a.prompt_len + a.max_tokens + 8, seed=0,
-                  max_num_seqs=max(int(c) for c in a.concurrency.split(",")), enable_prefix_caching=False)
+                  max_num_seqs=max(int(c) for c in a.concurrency.split(",")), enable_prefix_caching=False,
+                  max_num_batched_tokens=max(1024, a.prompt_len + a.max_tokens))
     if a.shape:
         common.update(load_format="dummy", skip_tokenizer_init=True)
     try:
@@ -103,6 +105,8 @@ def main() -> int:
 
         if torch.cuda.is_available():
             common["gpu_memory_utilization"] = a.gpu_memory_utilization
+        else:  # three engines share the machine's memory
+            common["kv_cache_memory_bytes"] = a.kv_cache_mib << 20
     except ImportError:  # pragma: no cover
         pass
     engines = {

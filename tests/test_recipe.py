@@ -185,6 +185,9 @@ def test_plan_is_remade_from_its_saved_recipe(tmp_path):
     assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
     assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
+    # the same text passed in as windows gives the same plan, described as the recipe has it (read from the file)
+    w = planning.calibration_windows(tok, [TEXT], tokens=512, seq_len=32)
+    assert allocmoe.allocate(m, Recipe.from_dict(rec), windows=w, progress=False).meta["recipe"] == rec
     # other text than the recipe's is refused rather than silently giving another plan
     (tmp_path / "cal.txt").write_text(TEXT.upper())
     with pytest.raises(SettingsError, match="calibration text differs from the recipe's"):

@@ -102,6 +102,9 @@ def test_report_marks_unresolved_differences_and_shares_ranks():
     rnd = next(l for l in lines if "| random |" in l)
     assert uni.startswith("| =1 |") and dp.startswith("| =1 |") and rnd.startswith("| 3 |")
     assert "(reference)" in uni and "≈" in dp and "≈" not in rnd and "+10.5% [" in rnd
+    # a configuration whose allocation the plan guard replaced says so
+    md = markdown_report(_results([_config("uniform", "uniform", a), _config("dp", "dp", list(a), guard="uniform")]))
+    assert "| dp (guard: uniform) |" in md
 
 
 def test_report_without_window_data_keeps_plain_ranks():

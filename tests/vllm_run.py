@@ -2,7 +2,7 @@
 measured counts as JSON. Used by tests/test_vllm.py as a subprocess:
 
     .venv-vllm/bin/python tests/vllm_run.py --model DIR --prompts '[[ids...], ...]' --out out.json
-        [--plan plan.json | --plan-override plan.json] [--hf-overrides JSON] [--max-tokens N] [--eager]
+        [--plan plan.json | --plan-override plan.json] [--hf-overrides JSON] [--max-tokens N] [--eager] [--tp N]
 
 The plan is named by ALLOCMOE_PLAN (--plan) or by hf_overrides {"allocmoe_plan": ...} (--plan-override).
 """
@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     a = ap.parse_args()
     if a.plan:
         os.environ["ALLOCMOE_PLAN"] = a.plan
@@ -43,7 +44,7 @@ def main() -> int:
     t0 = time.time()
     try:
         llm = LLM(model=a.model, dtype=a.dtype, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256,
-                  seed=0, enforce_eager=a.eager, enable_prefix_caching=False, hf_overrides=overrides or None)
+                  seed=0, enforce_eager=a.eager, tensor_parallel_size=a.tp, enable_prefix_caching=False, hf_overrides=overrides or None)
     except Exception as e:  # the start-up refusal the tests look for: its one line
         print(f"START-UP FAILED: {type(e).__name__}: {e}", file=sys.stderr)
         return 3

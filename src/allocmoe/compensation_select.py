@@ -2,8 +2,8 @@
 maps lower the KL to the full model on held-out calibration windows beyond noise.
 
 After `fit_best` has chosen the fitting mode, `prune_layers` scores each layer once: with every map
-installed, the per-position KL on the held-out windows is compared with and without layer l's maps. The differences are averaged in
-blocks of `BLOCK` consecutive positions (neighbouring positions are correlated); layer l keeps its maps only
+installed, the per-position KL on the held-out windows is compared with and without layer l's maps. The
+differences are averaged in blocks of `BLOCK` consecutive positions (neighbouring positions are correlated); layer l keeps its maps only
 if the mean block difference exceeds `NOISE_Z` standard errors of it (and is positive), i.e. the maps help
 beyond what the held-out text can resolve. On a model where the maps cannot help (random weights) every
 layer ends with no map. The result's `meta["kept_layers"]` lists the layers that kept one and

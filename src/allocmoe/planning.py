@@ -80,6 +80,8 @@ def _recipe_windows(r: Recipe, tokenizer, texts, windows, what: str) -> tuple[to
         raise SettingsError(f"the calibration text differs from the recipe's (token fingerprint {fp}, the recipe "
                             f"records {d.fingerprint}); pass the text it was made with, or drop data.fingerprint",
                             param="texts")
+    if d.fingerprint is not None:  # the recipe's own text (read again, or passed in): described as the recipe has it
+        return w, {"given": d.given, "fingerprint": fp, "files": d.files}
     return w, {"given": given, "fingerprint": fp, "files": None if given else d.files}
 
 

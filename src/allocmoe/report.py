@@ -177,6 +177,12 @@ def sensitivity_table(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _label(r: dict) -> str:
+    """The configuration's name; where the plan guard (guard.py) replaced the method's allocation, by which."""
+    g = r.get("guard")
+    return r["label"] if g in (None, "candidate") else f"{r['label']} (guard: {g})"
+
+
 def _paired_windows(rows: list[dict], key: str | None = None):
     """(window tokens, per-row window NLLs) when every row was scored on the same windows, else None."""
     data = [r if key is None else (r.get(key) or {}) for r in rows]
@@ -266,7 +272,7 @@ def markdown_report(results: dict) -> str:
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for i, r in enumerate(rows):
             sp = r.get("speed") or {}
-            row = (f"| {ranks[i]} | {r['label']} | {_fmt(r['activations_per_token'], 2)} | {_fmt(r['perplexity'])} | "
+            row = (f"| {ranks[i]} | {_label(r)} | {_fmt(r['activations_per_token'], 2)} | {_fmt(r['perplexity'])} | "
                    f"{100 * (r['perplexity'] / full['perplexity'] - 1):+.1f}% |" + (f" {vs_val[i]} |" if vs_val else "")
                    + f" {_fmt(r['bits_per_byte'], 4)} |")
             if has_ood:

@@ -218,7 +218,8 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
         configs.append(dict(label=label, method=method, policy=plan.policy, budget=b, ks=plan.ks,
                             plan_budget=plan.budget, token_policy=plan.token_policy,
                             compensated=plan.compensation is not None,
-                            profile_policy=(plan.meta.get("profile_token_policy") or "fixed"), **r, **ood(plan)))
+                            profile_policy=(plan.meta.get("profile_token_policy") or "fixed"),
+                            guard=(plan.meta.get("guard") or {}).get("chosen"), **r, **ood(plan)))
 
     speed_note = None
     if s.speed:

@@ -47,7 +47,7 @@ QWEN3_30B_A3B = dict(
 SHAPES = {"deepseek-v2-lite": (DEEPSEEK_V2_LITE, 27, 4),  # name: (config, real layers, default layers)
           "qwen3-30b-a3b": (QWEN3_30B_A3B, 48, 2)}
 # name: (transformers config class, architecture)
-_CLASSES = {"deepseek-v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+SHAPE_CLASSES = {"deepseek-v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
             "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM")}
 
 
@@ -77,7 +77,7 @@ def shape_config(spec: str):
 
     name, layers = parse_shape(spec)
     cfg = dict(SHAPES[name][0], num_hidden_layers=layers)
-    cls, arch = _CLASSES[name]
+    cls, arch = SHAPE_CLASSES[name]
     config = getattr(tf, cls)(**cfg)
     config.architectures = [arch]
     config._name_or_path = f"shape:{name}:{layers}"

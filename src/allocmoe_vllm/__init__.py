@@ -21,6 +21,16 @@ def register() -> None:
     if _installed:
         return
     _installed = True
-    from .hook import install
+    import os
 
-    install()
+    try:
+        from .hook import install
+
+        install()
+    except Exception as e:  # a vLLM whose internals moved: never break vLLM for users who name no plan
+        if os.environ.get("ALLOCMOE_PLAN"):
+            raise
+        import logging
+
+        logging.getLogger("vllm.allocmoe").warning(
+            "allocmoe plugin not installed (%s: %s): plans cannot be applied in this vLLM", type(e).__name__, e)

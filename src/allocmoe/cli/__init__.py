@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import typer
+from rich.markup import escape
 
 from ..errors import AllocMoeError
 from . import plan_cmds, eval_cmds, job_cmds, serve_cmd  # noqa: F401  (register the commands)
@@ -42,7 +43,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         # with standalone_mode=False click returns (not raises) the code of an Exit, e.g. 130 after Ctrl-C
         rc = app(args=argv, prog_name="allocmoe", standalone_mode=False)
     except AllocMoeError as e:
-        err.print(f"[red]error:[/red] {error_line(e)}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(error_line(e))}", highlight=False, soft_wrap=True)
         return 2
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")

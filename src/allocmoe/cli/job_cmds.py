@@ -81,7 +81,7 @@ def bench(
     plan: Optional[List[Path]] = typer.Option(None, "--plan", "-p", help="Plan JSON(s) (default: uniform 50% fixed and global)."),
     prefill_batch: int = typer.Option(1, min=1, help="Prefill batch size."),
     prefill_len: int = typer.Option(256, min=1, help="Prefill sequence length."),
-    decode_batches: str = typer.Option("1,8", help="Comma-separated decode batch sizes."),
+    decode_batches: str = typer.Option("1,8", help="Comma-separated decode batch sizes (\"\" skips decode)."),
     decode_tokens: int = typer.Option(32, min=1, help="New tokens per decode run."),
     repeats: int = typer.Option(5, min=1, help="Timed repeats per configuration (medians reported)."),
     warmup: int = typer.Option(1, min=0, help="Discarded warm-up runs per configuration."),
@@ -117,7 +117,7 @@ def bench(
         batches = tuple(int(b) for b in decode_batches.split(",") if b.strip())
     except ValueError:
         raise AllocMoeError(f"--decode-batches must be comma-separated integers, got {decode_batches!r}") from None
-    if not batches or min(batches) < 1:
+    if batches and min(batches) < 1:  # an empty list is allowed: prefill only
         raise AllocMoeError(f"--decode-batches must be positive integers, got {decode_batches!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise AllocMoeError("--device cuda was asked for but no CUDA device is available")
