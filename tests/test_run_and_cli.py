@@ -33,8 +33,14 @@ def test_run_writes_well_formed_report(setup):
                     policy_aware=True)  # the opt-in policy-aware ablation row too
     out = d / "out"
     res = run(model, out, s)
-    for f in ("results.json", "report.md", "frontier.png", "allocation.png", "profile.json"):
+    for f in ("results.json", "report.md", "frontier.png", "allocation.png", "profile_at_0.5.json",
+              "profile_at_0.75.json"):
         assert (out / f).stat().st_size > 0
+    # Alloc-L's plans at each budget come from that budget's operating-point profile (issue 19)
+    for b in (0.5, 0.75):
+        op = json.loads((out / f"profile_at_{b}.json").read_text())["operating_point"]
+        assert float(op["at"]) == b and len(op["around"]) == 2 and op["rounds"] >= 1
+    assert not (out / "profile.json").exists()
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = json.loads((out / "results.json").read_text())
     labels = {c["label"] for c in r["configs"]}
@@ -67,7 +73,7 @@ def test_run_writes_well_formed_report(setup):
     assert (out / "profile_global.json").exists()
     # Alloc-L's input, every MoE layer with the spread between the most and least sensitive
     sec = md[md.index("## Per-layer sensitivity"):].split("\n## ")[0]
-    assert "most sensitive MoE layer" in sec and "spread" in sec
+    assert "most sensitive MoE layer" in sec and "spread" in sec and "budget 0.5's allocation" in sec
     assert [ln.split("|")[1].strip() for ln in sec.splitlines() if ln.startswith("| ") and "MoE layer" not in ln] \
         == [str(i) for i in range(len(r["profile"]["sensitivity"]))]
     assert res["configs"] == r["configs"]

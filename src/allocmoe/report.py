@@ -155,8 +155,9 @@ def ablation_table(results: dict) -> list[str]:
 
 
 def sensitivity_table(results: dict) -> list[str]:
-    """Alloc-L's input, one row per MoE layer: the profile's cost of that layer alone at each k (every other
-    layer at full K), and the spread between the most and the least sensitive layer at half K."""
+    """Alloc-L's input, one row per MoE layer: the profile's cost of that layer at each k (every other layer at
+    full K, or at a budget's allocation for an operating-point profile), and the spread between the most and
+    the least sensitive layer at half K."""
     prof = results.get("profile") or {}
     S, ks = prof.get("sensitivity"), prof.get("k_values")
     if not S or not ks:
@@ -165,7 +166,10 @@ def sensitivity_table(results: dict) -> list[str]:
     shown = [k for k in ks if k < top]
     half = min(shown, key=lambda k: abs(k - top / 2)) if shown else top
     col = [row[ks.index(half)] for row in S]
-    lines = [f"## Per-layer sensitivity (the profile: {prof.get('metric')} of one layer alone at top-k, "
+    op = prof.get("operating_point") or {"at": "full"}
+    where = ("every other layer at full K" if op.get("at") == "full" else
+             f"every other layer at budget {op.get('at')}'s allocation {op.get('around')}")
+    lines = [f"## Per-layer sensitivity (the profile: {prof.get('metric')} of one layer at top-k, {where}; "
              f"{prof.get('tokens', 0):,} calibration tokens)", ""]
     spread = (f"spread **{max(col) / min(col):.1f}x**" if min(col) > 0 else
               "spread undefined (the least sensitive layer's cost is not above 0: within measurement noise)")
@@ -292,7 +296,7 @@ def markdown_report(results: dict) -> str:
         if flagged:
             lines += ["Unreliable speed-ups (⚠):", ""] + [f"- {f}" for f in flagged] + [""]
     lines += ["## Files", "", "- `results.json`: every number above and more (per-layer measured activations, "
-              "task details counts, plans)", "- `frontier.png`, `allocation.png`, `profile.json`, `plans/`", ""]
+              "task details counts, plans)", "- `frontier.png`, `allocation.png`, the profiles (`profile_at_<budget>.json` or `profile.json`), `plans/`", ""]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from ._version import __version__
 from .adapters import find_moe_layers
 from .data import read_texts, token_windows
+from .errors import SettingsError
 from .evaluation import evaluate, load_task, shipped_tasks
 from .io import atomic_write_json, prepare_output_dir
 from .methods import METHODS
@@ -117,6 +118,10 @@ class RunSettings:
     speed: bool = True
     ablation: bool = True  # the lever-by-lever table at the budget nearest 0.5 (adds two plan searches)
     policy_aware: bool = False  # add policy-aware profiling to the ablation (a second profile)
+    # where Alloc-L's profile is measured: "budget" = one profile per budget at its operating point (every other
+    # layer at the budget's allocation; issue 19: measured at full K, the DP lost to uniform), "full" = one
+    # profile with every other layer at full K (the paper's protocol)
+    profile_at: str = "budget"
     seed: int = 0
     threads: int | None = None
 
@@ -159,16 +164,29 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
     cal = token_windows(tok, cal_texts, s.seq_len, s.calibration_tokens, name=cal_names[0])
     pol_cal = cal[: max(1, s.policy_calibration_tokens // s.seq_len)]
 
-    console.print(f"[bold]1/4 profiling[/bold] {len(layers)} MoE layers on {cal.numel():,} tokens")
+    mid = ablation_budget(s.budgets)
+    if s.profile_at not in ("budget", "full"):
+        raise SettingsError(f"profile_at must be 'budget' or 'full', got {s.profile_at!r}", param="profile_at")
+    at_budget = s.profile_at == "budget"
+    console.print(f"[bold]1/4 profiling[/bold] {len(layers)} MoE layers on {cal.numel():,} tokens"
+                  + (f", at each budget's operating point ({', '.join(map(str, s.budgets))})" if at_budget else
+                     ", every other layer at full K"))
     t0 = time.perf_counter()
-    prof = run_profile(model, cal, metric=s.metric, batch_size=s.batch_size, renormalize=s.renormalize,
-                       out=out / "profile.json", data_info={"files": cal_names})
+    fixed_profiles: dict[float, Path] = {}  # budget -> the profile its Alloc-L plans are made from
+    prof = None
+    for b in (s.budgets if at_budget else [None]):
+        name = f"profile_at_{b}.json" if at_budget else "profile.json"
+        p = run_profile(model, cal, metric=s.metric, batch_size=s.batch_size, renormalize=s.renormalize,
+                        out=out / name, data_info={"files": cal_names}, at=b, progress=not at_budget)
+        for bb in ([b] if at_budget else s.budgets):
+            fixed_profiles[bb] = out / name
+        if prof is None or b == mid:
+            prof = p  # the report's sensitivity table: the profile at the budget nearest 0.5
     profile_seconds = time.perf_counter() - t0
 
     configs_to_run = run_configs(ablation=s.ablation, policy_aware=s.policy_aware)
-    mid = ablation_budget(s.budgets)
     profile_seconds_pa = None
-    profile_files = {"fixed": out / "profile.json"}
+    profile_files = {}
     for pp in sorted({c.profile_policy for c in configs_to_run} - {"fixed"}):
         console.print(f"  policy-aware profile ({pp}) for the ablation")
         t0 = time.perf_counter()
@@ -190,8 +208,9 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
             key = (b, c.method, c.policy, c.profile_policy)
             if key not in made:
                 # the plan's recipe names the profile file, so the plan can be re-made from it
+                prof_file = fixed_profiles[b] if c.profile_policy == "fixed" else profile_files[c.profile_policy]
                 made[key] = allocate(model, config_recipe(replace(c, compensate=False), b, s, pol_cal.numel()),
-                                     profile=profile_files[c.profile_policy], tokenizer=tok, progress=False)
+                                     profile=prof_file, tokenizer=tok, progress=False)
             plan = add_compensation(model, made[key], tokenizer=tok, progress=False) if c.compensate else made[key]
             t_alloc[f"{b}/{c.label}"] = round(time.perf_counter() - t0, 2)
             plan.save(out / "plans" / f"{plan_file_stem(c.label, b)}.json")
@@ -235,7 +254,9 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
                          threads=torch.get_num_threads(),
                          torch=torch.__version__, python=platform.python_version()),
         "profile": {"k_values": prof.k_values, "sensitivity": prof.sensitivity, "metric": prof.metric,
-                    "metrics": prof.metrics, "tokens": prof.tokens},
+                    "metrics": prof.metrics, "tokens": prof.tokens,
+                    "operating_point": getattr(prof, "operating_point", None) or {"at": "full"},
+                    "files": {str(b): f.name for b, f in fixed_profiles.items()}},
         "configs": configs,
         "speed_note": speed_note,
         "wall_seconds": time.perf_counter() - t_start,

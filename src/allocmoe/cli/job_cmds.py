@@ -42,6 +42,9 @@ def run(
     policy_aware: bool = typer.Option(False, "--policy-aware",
                                       help="Add policy-aware profiling to the ablation (a second profile)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's)."),
+    profile_at: str = typer.Option(RunSettings.profile_at, "--profile-at",
+                                   help="Alloc-L's profile: 'budget' (one per budget, at its operating point) or "
+                                   "'full' (every other layer at full K, the paper's protocol)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     force: bool = typer.Option(False, "--force", help="Write into a non-empty output directory."),
     device_map: Optional[str] = DeviceMapOpt,
@@ -61,6 +64,8 @@ def run(
                     ("eval-tokens", eval_tokens)):
         if v < seq_len:
             raise AllocMoeError(f"--{name} must be at least one window (--seq-len {seq_len}), got {v}")
+    if profile_at not in ("budget", "full"):
+        raise AllocMoeError(f"--profile-at must be 'budget' or 'full', got {profile_at!r}")
     if policy_aware and no_ablation:
         raise AllocMoeError("--policy-aware adds a row to the ablation; it cannot go with --no-ablation")
     s = RunSettings(budgets=bl, metric=metric, renormalize=renormalize, calibration_tokens=calibration_tokens,
@@ -68,7 +73,8 @@ def run(
                     ood_tokens=ood_tokens, ood_data=[] if ood_tokens == 0 else None, seq_len=seq_len, task_examples=task_examples,
                     tasks=[str(t) for t in task] if task else None, data=[str(d) for d in data] if data else None,
                     calibration_data=[str(d) for d in calibration_data] if calibration_data else None,
-                    speed=not no_speed, ablation=not no_ablation, policy_aware=policy_aware, threads=threads)
+                    speed=not no_speed, ablation=not no_ablation, policy_aware=policy_aware, threads=threads,
+                    profile_at=profile_at)
     run_job(model, out_dir, s, force=force, dtype=dtype,
             load_kwargs=load_kwargs(device_map, max_memory, offload_dir))
 
