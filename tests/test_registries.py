@@ -145,3 +145,38 @@ def test_a_registered_method_is_usable_from_python_and_the_cli(every_two, models
                             "--out", tmp_path / "p.json")
     assert rc == 0, err
     assert allocmoe.Plan.load(tmp_path / "p.json").ks == [2, 2, 2]
+
+
+def test_a_registered_family_is_found_and_patched():
+    """README's "how to add a family": one FamilyAdapter subclass with @register_family. A router class no
+    adapter claims is refused (naming the known families); once one class claims it, the model is found,
+    patched and counted like any other."""
+    from allocmoe.adapters import ADAPTERS, register_family
+    from allocmoe.adapters.families import SoftmaxTopK
+    from allocmoe.errors import UnsupportedModelError
+    from allocmoe.testing import tiny_model
+
+    m = tiny_model("qwen3_moe")
+    for mod in m.modules():  # the same routing under a router class name nobody knows
+        if type(mod).__name__ == "Qwen3MoeTopKRouter":
+            mod.__class__ = type("AcmeTopKRouter", (type(mod),), {})
+    with pytest.raises(UnsupportedModelError, match=r"router AcmeTopKRouter.*supported families: .*qwen3_moe"):
+        allocmoe.find_moe_layers(m)
+
+    @register_family
+    class Acme(SoftmaxTopK):
+        name, router_classes = "acme", ("AcmeTopKRouter",)
+
+    try:
+        layers = allocmoe.find_moe_layers(m)
+        assert layers and all(l.adapter.name == "acme" for l in layers)
+        plan = allocmoe.make_plan(m, [1] * len(layers))
+        ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            full = m(ids).logits
+            with allocmoe.apply(m, plan) as h:
+                cut = m(ids).logits
+                assert h.counts()["last"]["activations_per_token"] == len(layers)
+            assert torch.equal(m(ids).logits, full) and not torch.allclose(cut, full)
+    finally:
+        del ADAPTERS["acme"]

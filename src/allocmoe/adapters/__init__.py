@@ -13,10 +13,10 @@ from torch import nn
 
 from ..errors import NoMoELayersError, UnsupportedModelError
 from .base import FamilyAdapter, MoELayer, RouterScores
-from .families import ADAPTERS, REFUSED
+from .families import ADAPTERS, REFUSED, register_family
 from .sharding import global_num_experts
 
-__all__ = ["find_moe_layers", "decoder_layers", "FamilyAdapter", "MoELayer", "RouterScores", "ADAPTERS",
+__all__ = ["find_moe_layers", "decoder_layers", "FamilyAdapter", "MoELayer", "RouterScores", "ADAPTERS", "register_family",
            "model_type"]
 
 
@@ -82,9 +82,9 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
         router = _router_of(mod)
         if not isinstance(experts, nn.Module) or router is None:
             continue
-        adapter = next((a for a in ADAPTERS if a.matches(router)), None)
+        adapter = next((a for a in ADAPTERS.values() if a.matches(router)), None)
         if adapter is None:
-            supported = ", ".join(a.name for a in ADAPTERS)
+            supported = ", ".join(ADAPTERS)
             raise UnsupportedModelError(
                 f"MoE block {name} uses router {type(router).__name__}, which allocmoe does not support "
                 f"(supported families: {supported})"

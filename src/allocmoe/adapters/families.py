@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnsupportedModelError
+from ..registry import Registry
 from .base import FamilyAdapter, RouterScores
+
+#: Family name -> adapter. Adding a family is one class here (or anywhere) decorated with `@register_family`;
+#: `find_moe_layers` tries them in registration order and its error lists their names.
+ADAPTERS: Registry[FamilyAdapter] = Registry("model family", UnsupportedModelError)
+register_family = ADAPTERS.register
 
 
 def _group_mask(scores: torch.Tensor, n_group: int, topk_group: int, how: str) -> torch.Tensor:
@@ -43,21 +50,25 @@ class SoftmaxTopK(FamilyAdapter):
         return bool(getattr(router, "norm_topk_prob", False))
 
 
+@register_family
 class Qwen2Moe(SoftmaxTopK):
     name = "qwen2_moe"
     router_classes = ("Qwen2MoeTopKRouter",)
 
 
+@register_family
 class Qwen3Moe(SoftmaxTopK):
     name = "qwen3_moe"
     router_classes = ("Qwen3MoeTopKRouter",)
 
 
+@register_family
 class Olmoe(SoftmaxTopK):
     name = "olmoe"
     router_classes = ("OlmoeTopKRouter",)
 
 
+@register_family
 class Mixtral(SoftmaxTopK):
     name = "mixtral"
     router_classes = ("MixtralTopKRouter",)
@@ -66,6 +77,7 @@ class Mixtral(SoftmaxTopK):
         return True  # MixtralTopKRouter always divides by the kept sum
 
 
+@register_family
 class DeepseekV2(FamilyAdapter):
     """softmax (fp32), greedy or group-limited top-k, never renormalised, times routed_scaling_factor."""
 
@@ -91,6 +103,7 @@ class DeepseekV2(FamilyAdapter):
         return None
 
 
+@register_family
 class DeepseekV3(FamilyAdapter):
     """sigmoid scores; choose on score + e_score_correction_bias within the best groups; weight with
     the unbiased sigmoid, optionally renormalised, times routed_scaling_factor."""
@@ -126,6 +139,7 @@ class LogitTopKSoftmax(FamilyAdapter):
         return True
 
 
+@register_family
 class GptOss(LogitTopKSoftmax):
     name = "gpt_oss"
     router_classes = ("GptOssTopKRouter",)
@@ -136,6 +150,7 @@ class GptOss(LogitTopKSoftmax):
         return RouterScores(logits, probs, probs)
 
 
+@register_family
 class GraniteMoe(LogitTopKSoftmax):
     name = "granitemoe"
     router_classes = ("GraniteMoeTopKRouter",)
@@ -148,10 +163,6 @@ class GraniteMoe(LogitTopKSoftmax):
     def weight_dtype(self, router, hidden, logits):
         return hidden.dtype
 
-
-ADAPTERS: list[FamilyAdapter] = [
-    DeepseekV2(), DeepseekV3(), Qwen2Moe(), Qwen3Moe(), Olmoe(), Mixtral(), GptOss(), GraniteMoe()
-]
 
 # Families whose routing cannot be cut in a way that saves compute, with the reason we give users.
 REFUSED = {
