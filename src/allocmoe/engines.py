@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -100,12 +102,32 @@ def vllm_serve(model: str | None, plan: str, *, host: str = "127.0.0.1", port: i
     log(f"serving plan {plan_d['path']} (k per MoE layer {plan_d['ks']}) on vLLM at http://{host}:{port}/v1 "
         f"as {name!r}; measured counts: /metrics (allocmoe_*) and {env['ALLOCMOE_COUNTS']}")
     proc = subprocess.Popen(cmd, env=env)
+    return _wait_forwarding_signals(proc)
+
+
+def _wait_forwarding_signals(proc: subprocess.Popen, grace_s: float = 30.0) -> int:
+    """Wait for the vLLM server; SIGINT/SIGTERM sent to allocmoe go to it (it shuts its engine down), and it is
+    killed if it has not exited `grace_s` seconds later. Never leaves a server behind this process."""
+    stopped: list[float] = []
+
+    def forward(signum, _frame):
+        stopped.append(time.monotonic())
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        try:
-            return proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        while True:
+            try:
+                return proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if stopped and time.monotonic() - stopped[0] > grace_s:
+                    proc.kill()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if proc.poll() is None:  # an exception here (not a signal): do not leave the server running
             proc.kill()
-            return proc.wait()
+            proc.wait()

@@ -177,7 +177,7 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
     for b in (s.budgets if at_budget else [None]):
         name = f"profile_at_{b}.json" if at_budget else "profile.json"
         p = run_profile(model, cal, metric=s.metric, batch_size=s.batch_size, renormalize=s.renormalize,
-                        out=out / name, data_info={"files": cal_names}, at=b, progress=not at_budget)
+                        out=out / name, data_info={"files": cal_names}, at=b)
         for bb in ([b] if at_budget else s.budgets):
             fixed_profiles[bb] = out / name
         if prof is None or b == mid:
