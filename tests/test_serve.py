@@ -155,9 +155,11 @@ def test_malformed_requests_get_4xx_and_disconnects_do_not_kill_the_server(tiny)
         assert post(url.rsplit("/v1", 1)[0] + "/health", b"")[0] in (200, 405)
 
 
-def test_continuous_batching_packs_requests_and_counts_only_real_tokens(tiny_dir):
-    """transformers' continuous batching (qwen3_moe: DeepSeek-V2's latent KV does not fit its paged cache)."""
-    m, tok, _ = allocmoe.load_model(tiny_dir("qwen3_moe"))
+@pytest.mark.parametrize("source", ["tiny", "builtin:qwen3-moe"])
+def test_continuous_batching_packs_requests_and_counts_only_real_tokens(tiny_dir, source):
+    """transformers' continuous batching (qwen3_moe: DeepSeek-V2's latent KV does not fit its paged cache), on a
+    tiny model and on the second built-in model (issue 20: served with concurrent clients)."""
+    m, tok, _ = allocmoe.load_model(tiny_dir("qwen3_moe") if source == "tiny" else source)
     n = 24  # long enough that the four requests overlap even on a loaded machine
     ref = reference(m, tok, PROMPTS, n)
     seqs_per_call = []

@@ -298,3 +298,23 @@ def test_serve_engine_vllm_half_plan_matches_transformers(vllm_python, tiny):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+
+
+def test_builtin_qwen3_moe_same_greedy_tokens_in_vllm(vllm_python, tmp_path):
+    """Issue 20: the second built-in model loads in vLLM CPU and gives transformers' greedy tokens, at full K and
+    under a uniform half plan (per-layer top_k in vLLM, allocmoe.apply in transformers), with the plan's
+    activations measured in vLLM."""
+    from allocmoe.models import resolve
+
+    model, _, _ = allocmoe.load_model("builtin:qwen3-moe")
+    L = len(allocmoe.find_moe_layers(model))
+    full, half = full_plan(model), make_plan(model, [4] * L)
+    full.save(tmp_path / "full.json")
+    half.save(tmp_path / "half.json")
+    ctx = {"dir": tmp_path, "model_dir": resolve("builtin:qwen3-moe")}
+    for name, plan in (("full", full), ("half", half)):
+        hf_tokens, hf_lps = _hf_greedy(model, plan)
+        out = _run_vllm(vllm_python, ctx, f"builtin-{name}", "--eager", "--plan", str(tmp_path / f"{name}.json"))
+        assert out["tokens"] == hf_tokens, name
+        assert max(abs(a - b) for x, y in zip(out["logprobs"], hf_lps) for a, b in zip(x, y)) < 1e-3
+        assert out["counts"]["activations_per_token"] == sum(plan.ks)
