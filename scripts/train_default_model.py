@@ -143,6 +143,14 @@ def encode_file(tok, path: Path, cache: Path | None = None) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
+def shared_config(vocab_size: int, eot_id: int) -> dict:
+    """What both built-in models share: the tokenizer (<|endoftext|> as bos/eos/pad), the 1,024-token context,
+    RoPE, RMSNorm, tied embeddings and the init scale."""
+    return dict(vocab_size=vocab_size, bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id,
+                max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                rms_norm_eps=1e-6, tie_word_embeddings=True, initializer_range=0.02, use_cache=True)
+
+
 def make_qwen3_moe_config(vocab_size: int, eot_id: int, **over):
     """The second built-in model (issue 20): a stock Qwen3-MoE -- every layer MoE, softmax top-8 of 64
     fine-grained experts with renormalised weights, no shared experts, grouped-query attention with
@@ -151,7 +159,6 @@ def make_qwen3_moe_config(vocab_size: int, eot_id: int, **over):
     from transformers import Qwen3MoeConfig
 
     kw = dict(
-        vocab_size=vocab_size,
         hidden_size=256,
         intermediate_size=768,  # unused (no dense layers), kept for completeness
         moe_intermediate_size=48,
@@ -164,17 +171,9 @@ def make_qwen3_moe_config(vocab_size: int, eot_id: int, **over):
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=64,
-        max_position_embeddings=1024,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        initializer_range=0.02,
         router_aux_loss_coef=0.01,
         output_router_logits=False,
-        bos_token_id=eot_id,
-        eos_token_id=eot_id,
-        pad_token_id=eot_id,
-        use_cache=True,
+        **shared_config(vocab_size, eot_id),
     )
     kw.update(over)
     return Qwen3MoeConfig(**kw)
@@ -191,7 +190,6 @@ def make_config(vocab_size: int, eot_id: int, family: str = "deepseek_v2", **ove
     from transformers import DeepseekV2Config
 
     kw = dict(
-        vocab_size=vocab_size,
         hidden_size=256,
         intermediate_size=768,  # dense first layer
         moe_intermediate_size=64,  # fine-grained experts
@@ -212,15 +210,7 @@ def make_config(vocab_size: int, eot_id: int, family: str = "deepseek_v2", **ove
         qk_nope_head_dim=32,
         qk_rope_head_dim=16,
         v_head_dim=32,
-        max_position_embeddings=1024,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        initializer_range=0.02,
-        bos_token_id=eot_id,
-        eos_token_id=eot_id,
-        pad_token_id=eot_id,
-        use_cache=True,
+        **shared_config(vocab_size, eot_id),
     )
     kw.update(over)
     return DeepseekV2Config(**kw)

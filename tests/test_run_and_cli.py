@@ -121,6 +121,7 @@ def test_cli_eval_and_generate(setup, tmp_path):
     (["run", "--policy-aware", "--no-ablation"], "--no-ablation"),
     (["run", "--eval-tokens", "10"], "--eval-tokens"),
     (["run", "--threads", "0"], "--threads"),
+    (["run", "--profile-at", "nope"], "--profile-at"),
 ])
 def test_cli_usage_errors_are_short_and_name_the_option(args, names, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

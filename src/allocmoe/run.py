@@ -122,6 +122,10 @@ class RunSettings:
     # layer at the budget's allocation; issue 19: measured at full K, the DP lost to uniform), "full" = one
     # profile with every other layer at full K (the paper's protocol)
     profile_at: str = "budget"
+
+    def __post_init__(self):  # checked when the settings are made, before any model is loaded
+        if self.profile_at not in ("budget", "full"):
+            raise SettingsError(f"profile_at must be 'budget' or 'full', got {self.profile_at!r}", param="profile_at")
     seed: int = 0
     threads: int | None = None
 
@@ -165,8 +169,6 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
     pol_cal = cal[: max(1, s.policy_calibration_tokens // s.seq_len)]
 
     mid = ablation_budget(s.budgets)
-    if s.profile_at not in ("budget", "full"):
-        raise SettingsError(f"profile_at must be 'budget' or 'full', got {s.profile_at!r}", param="profile_at")
     at_budget = s.profile_at == "budget"
     console.print(f"[bold]1/4 profiling[/bold] {len(layers)} MoE layers on {cal.numel():,} tokens"
                   + (f", at each budget's operating point ({', '.join(map(str, s.budgets))})" if at_budget else
@@ -255,7 +257,7 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
                          torch=torch.__version__, python=platform.python_version()),
         "profile": {"k_values": prof.k_values, "sensitivity": prof.sensitivity, "metric": prof.metric,
                     "metrics": prof.metrics, "tokens": prof.tokens,
-                    "operating_point": getattr(prof, "operating_point", None) or {"at": "full"},
+                    "operating_point": prof.operating_point or {"at": "full"},
                     "files": {str(b): f.name for b, f in fixed_profiles.items()}},
         "configs": configs,
         "speed_note": speed_note,

@@ -29,6 +29,7 @@ FLAG_HINTS = {
     "prefill_len": "--prefill-len", "experts_implementation": "--experts-implementation",
     "sparse_path": "--sparse-path", "continuous_batching": "--continuous-batching", "port": "--port",
     "out": "--out", "recipe": "--recipe", "profile": "--profile", "texts": "--data",
+    "profile_at": "--profile-at",
 }
 
 

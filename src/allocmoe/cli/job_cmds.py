@@ -64,8 +64,6 @@ def run(
                     ("eval-tokens", eval_tokens)):
         if v < seq_len:
             raise AllocMoeError(f"--{name} must be at least one window (--seq-len {seq_len}), got {v}")
-    if profile_at not in ("budget", "full"):
-        raise AllocMoeError(f"--profile-at must be 'budget' or 'full', got {profile_at!r}")
     if policy_aware and no_ablation:
         raise AllocMoeError("--policy-aware adds a row to the ablation; it cannot go with --no-ablation")
     s = RunSettings(budgets=bl, metric=metric, renormalize=renormalize, calibration_tokens=calibration_tokens,
