@@ -58,16 +58,45 @@ def test_benefit_and_the_noise_rule(monkeypatch):
     assert abs(gain) < 2 * se
     assert CS.benefit(base[:10], base[:10] + 1)[1] == math.inf  # one block: no noise estimate, nothing kept
 
-    # prune_layers keeps exactly the layers whose removal raises KL beyond noise
+    # prune_layers: the set must help beyond noise; then a layer loses its maps only where they hurt beyond noise
     m = tiny_model("qwen3_moe")
     comp = fit_best(m, _plan(m), torch.randint(3, 97, (16, 24), generator=g), progress=False, prune=False)
-    effect = {0: 0.5, 1: 0.0, 2: -0.01}  # layer 0 helps, layer 1 does nothing, layer 2 hurts
 
-    def fake_kl(model, plan, c, windows, reference, batch_size):
-        missing = [l for l, layer in enumerate(c.maps) if not layer]
-        return base + sum(effect[l] for l in missing) + 0.001 * torch.randn(640, generator=g, dtype=torch.float64)
+    def fake(effect):  # effect[l]: the KL layer l's maps remove; + 0.001 noise per position
+        def fake_kl(model, plan, c, windows, reference, batch_size):
+            missing = range(len(effect)) if c is None else [l for l, layer in enumerate(c.maps) if not layer]
+            return base + sum(effect[l] for l in missing) + 0.001 * torch.randn(640, generator=g,
+                                                                                 dtype=torch.float64)
+        return fake_kl
 
-    monkeypatch.setattr(CS, "position_kl", fake_kl)
+    monkeypatch.setattr(CS, "position_kl", fake([0.5, 0.0005, -0.01]))  # helps, within noise, hurts
     out = CS.prune_layers(m, _plan(m), comp, None, None)
-    assert out.meta["kept_layers"] == [0] and bool(out.maps[0]) and not out.maps[1] and not out.maps[2]
-    assert comp.maps[1]  # the input is left as it was
+    assert out.meta["kept_layers"] == [0, 1] and bool(out.maps[0]) and bool(out.maps[1]) and not out.maps[2]
+    sel = out.meta["layer_selection"]
+    assert sel["all_maps"]["kept"] and sel["all_maps"]["kl_lowered"] == pytest.approx(0.4905, abs=1e-3)
+    assert [sel["layers"][str(l)]["kept"] for l in range(3)] == [True, True, False]
+    assert comp.maps[2]  # the input is left as it was
+
+    # the set does not help beyond noise (its layers cancel): no layer keeps a map, whatever its own share
+    monkeypatch.setattr(CS, "position_kl", fake([0.02, -0.02, 0.0]))
+    out = CS.prune_layers(m, _plan(m), comp, None, None)
+    assert out.meta["kept_layers"] == [] and not any(out.maps)
+    assert not out.meta["layer_selection"]["all_maps"]["kept"]
+
+
+def test_selection_runs_on_the_guards_held_out_text():
+    # with calibration text, the fitting mode and the maps kept are chosen on the guard's held-out windows (the
+    # end of the text, beyond every window read), so all calibration windows are fitted on; without enough
+    # text, on the last eighth of the calibration windows
+    from allocmoe.guard import GUARD_TOKENS
+    from allocmoe.testing import tiny_tokenizer
+
+    m, tok = tiny_model("qwen3_moe"), tiny_tokenizer()
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 60
+    kw = dict(method="uniform", tokenizer=tok, calibration_tokens=256, seq_len=32, compensate=True, progress=False)
+    plan = allocmoe.allocate(m, budget=0.5, texts=[text], **kw)
+    sel = plan.compensation_maps.meta["selection"]
+    assert sel["holdout_tokens"] == GUARD_TOKENS
+    assert plan.compensation_maps.meta["layer_selection"]["held_out_positions"] == GUARD_TOKENS
+    short = allocmoe.allocate(m, budget=0.5, texts=[text[:2200]], **kw)
+    assert short.compensation_maps.meta["selection"]["holdout_tokens"] == 256 // 8

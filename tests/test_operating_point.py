@@ -144,3 +144,15 @@ def test_cli_profile_at(tiny_dir, tmp_path):
     rc, _, err = invoke_cli(*common, "--at", "half", "--out", tmp_path / "bad.json")
     assert rc == 2 and "not a number" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_candidates_are_a_window_around_the_operating_point(sharp, windows):
+    every = profile(sharp, windows, batch_size=4, progress=False, at=0.5, rounds=1, window=None)
+    near = profile(sharp, windows, batch_size=4, progress=False, at=0.5, rounds=1, window=1)
+    assert every.k_values == [1, 2, 3, 4] and near.k_values == [1, 2, 3]  # around [2, 2, 2, 2], +-1
+    assert near.operating_point["window"] == 1
+    # a candidate's cost does not depend on which other candidates are measured
+    S, T = np.array(every.sensitivity), np.array(near.sensitivity)
+    np.testing.assert_allclose(T, S[:, :3], rtol=0, atol=1e-12)
+    with pytest.raises(errors.ProfileError, match="window must be an integer >= 0"):
+        profile(sharp, windows, batch_size=4, progress=False, at=0.5, window=-1)

@@ -25,8 +25,18 @@ def setup(tmp_path_factory, tiny_dir):
     return d, model
 
 
-def test_run_writes_well_formed_report(setup):
+def test_run_writes_well_formed_report(setup, monkeypatch):
     d, model = setup
+    import allocmoe.run as R
+
+    evaluated = []  # plans the job evaluated: each computation once (equal execution keys share results)
+
+    def counting(model, tok, plan, *a, **kw):
+        evaluated.append(plan)
+        return real(model, tok, plan, *a, **kw)
+
+    real = R.evaluate_config
+    monkeypatch.setattr(R, "evaluate_config", counting)
     s = RunSettings(budgets=[0.5, 0.75], calibration_tokens=512, policy_calibration_tokens=512, eval_tokens=512,
                     seq_len=64, data=[str(d / "text.txt")], calibration_data=[str(d / "text.txt")],
                     tasks=[str(d / "task.json")], speed=False, ood_data=[str(d / "ood.txt")], ood_tokens=256,
@@ -77,6 +87,13 @@ def test_run_writes_well_formed_report(setup):
     assert [ln.split("|")[1].strip() for ln in sec.splitlines() if ln.startswith("| ") and "MoE layer" not in ln] \
         == [str(i) for i in range(len(r["profile"]["sensitivity"]))]
     assert res["configs"] == r["configs"]
+    keys = [R.execution_key(p) for p in evaluated if p is not None]
+    assert len(keys) == len(set(keys)) and len(evaluated) <= len(r["configs"])
+    by_plan = {}
+    for c in r["configs"][1:]:
+        by_plan.setdefault((json.dumps(c["ks"]), json.dumps(c["token_policy"], sort_keys=True), c["compensated"]),
+                           set()).add(tuple(c["window_nll"]))
+    assert all(len(v) == 1 for k, v in by_plan.items() if k[2] is False)  # same computation, same figures
     # refuses to write into a non-empty directory without --force
     from allocmoe.errors import OutputExistsError
 
@@ -131,3 +148,18 @@ def test_cli_usage_errors_are_short_and_name_the_option(args, names, tmp_path, m
     lines = err.strip().splitlines()  # usage errors too are one `error:` line, pointing at the command's help
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_execution_key_names_what_a_plan_computes():
+    import allocmoe
+    from allocmoe.run import execution_key
+    from allocmoe.testing import tiny_model
+
+    m = tiny_model("qwen3_moe")
+    n = len(allocmoe.find_moe_layers(m))
+    a = allocmoe.make_plan(m, [2] * n, method="uniform")
+    b = allocmoe.make_plan(m, [2] * n, method="dp")
+    b.meta["guard"] = {"chosen": "uniform"}
+    assert execution_key(a) == execution_key(b)  # method and notes do not change the computation
+    assert execution_key(a) != execution_key(allocmoe.make_plan(m, [1] + [2] * (n - 1)))
+    assert execution_key(a) != execution_key(allocmoe.make_plan(m, [2] * n, token_policy="global"))

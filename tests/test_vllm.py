@@ -318,3 +318,71 @@ def test_builtin_qwen3_moe_same_greedy_tokens_in_vllm(vllm_python, tmp_path):
         assert out["tokens"] == hf_tokens, name
         assert max(abs(a - b) for x, y in zip(out["logprobs"], hf_lps) for a, b in zip(x, y)) < 1e-3
         assert out["counts"]["activations_per_token"] == sum(plan.ks)
+
+
+# --- families: OLMoE, Mixtral, DeepSeek-V2 (tiny random models; one vLLM process, three engines each) ----------
+
+# family -> (log-prob tolerance against transformers; vLLM dtype; exact tokens checked). Tolerances are measured
+# (fp32 both sides): Mixtral's vLLM and transformers log-probs agree to 5e-5; OLMoE's only to 0.13 at full K,
+# where the full plan gives stock vLLM's tokens exactly, so that gap is vLLM's OLMoE vs transformers' (no allocmoe
+# involved). DeepSeek-V2 (MLA at the real latent sizes: vLLM's CPU MLA kernels need head size 576) runs in
+# bfloat16 (on CPUs with AMX vLLM picks its AMX_MLA backend, which takes only bfloat16 weights); its greedy tokens
+# on vLLM CPU differ from one engine to the next of the same model with no plan at all (measured: two stock
+# engines, AMX_MLA bf16 and the reference CPU_MLA fp32 alike), so for it only the measured counts are checked
+# (README: vLLM).
+FAMILY_CHECKS = {"olmoe": (0.25, "float32", True), "mixtral": (1e-3, "float32", True),
+                 "deepseek_v2": (None, "bfloat16", False)}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CHECKS))
+def test_family_plans_on_vllm(vllm_python, tmp_path, family):
+    """One vLLM process, one engine after another (stock, full-K plan, per-layer half plan) on a tiny random model
+    of the family: (a) the full-K plan gives stock vLLM's greedy tokens exactly; (b) the half plan (a different k
+    per layer) changes the output and gives allocmoe.apply's greedy tokens in transformers, log-probs within the
+    family's stated tolerance; (c) the plugin's measured pairs are k_l per routed token in every planned layer
+    (K for the full plan), over exactly the tokens vLLM ran. DeepSeek-V2: (c) only (FAMILY_CHECKS)."""
+    from vllm_families import FAMILIES, save_tiny
+
+    ks, _ = FAMILIES[family]
+    tol, dtype, exact = FAMILY_CHECKS[family]
+    model_dir = save_tiny(family, tmp_path / family)
+    model, _, _ = allocmoe.load_model(model_dir)
+    K = allocmoe.find_moe_layers(model)[0].top_k
+    full, half = full_plan(model), make_plan(model, ks)
+    full.save(tmp_path / "full.json")
+    half.save(tmp_path / "half.json")
+    # the plans made in transformers are the plans the plugin reads, for this model's config
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    for p in ("full", "half"):
+        check_fingerprint(load_plan(tmp_path / f"{p}.json"), config_fingerprint(cfg))
+    idx = sorted(load_plan(tmp_path / "half.json")["k_by_layer"])
+    out = tmp_path / "out.json"
+    engines = (["stock"] if exact else []) + [f"full={tmp_path / 'full.json'}", f"half={tmp_path / 'half.json'}"]
+    cmd = [vllm_python, str(ROOT / "tests" / "vllm_families.py"), "--model", model_dir, "--prompts",
+           json.dumps(PROMPTS), "--max-tokens", str(MAX_TOKENS), "--out", str(out), "--dtype", dtype,
+           *(x for e in engines for x in ("--engine", e))]
+    env = dict(os.environ, **ENV)
+    env.pop("ALLOCMOE_PLAN", None)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert all("error" not in v for v in res.values()), {n: v.get("error") for n, v in res.items()}
+    vfull, vhalf = res["full"], res["half"]
+    # (c) measured: k_l pairs per token in every planned layer, over the tokens the generation ran
+    for name, v, want in (("full", vfull, [K] * len(ks)), ("half", vhalf, ks)):
+        c = v["counts"]
+        assert [l["layer"] for l in c["layers"]] == idx, name
+        assert [l["tokens"] for l in c["layers"]] == [v["expected_tokens"]] * len(ks), name
+        assert [l["pairs"] for l in c["layers"]] == [k * v["expected_tokens"] for k in want], name
+        assert c["activations_per_token"] == sum(want), name
+    if not exact:
+        return
+    # (a) full-K plan == stock vLLM, and the plugin counts nothing without a plan
+    assert vfull["tokens"] == res["stock"]["tokens"]
+    assert res["stock"]["counts"] is None
+    # (b) the per-layer plan changes the output, and matches transformers under allocmoe.apply
+    assert vhalf["tokens"] != vfull["tokens"]
+    for name, plan, v in (("full", tmp_path / "full.json", vfull), ("half", tmp_path / "half.json", vhalf)):
+        hf_tokens, hf_lps = _hf_greedy(model, str(plan))
+        assert v["tokens"] == hf_tokens, name
+        assert max(abs(a - b) for x, y in zip(v["logprobs"], hf_lps) for a, b in zip(x, y)) < tol, name

@@ -245,6 +245,11 @@ class Compensation:
             "meta": self.meta,
         }
 
+    def weights_digest(self) -> str:
+        """sha256 of the maps alone (not `meta`): two compensations with the same digest compute the same."""
+        return self._content_hash(self._tensors(), json.dumps(
+            {"counts": [sorted(m) for m in self.maps], "top_k": self.top_k}, sort_keys=True))
+
     @staticmethod
     def _content_hash(tensors: dict[str, torch.Tensor], header: str) -> str:
         h = hashlib.sha256(header.encode())

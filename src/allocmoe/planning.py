@@ -158,9 +158,12 @@ def allocate(source, budget=None, method: str | None = None, *, recipe: Recipe |
             prof = prof.with_metric(r.method.metric)
 
     guard_w = None
-    if r.method.guard and get_method(r.method.name).guarded:
+    if (r.method.guard and get_method(r.method.name).guarded) or r.compensation.enabled:
         guard_w = _guard_windows(r, model, tokenizer, texts, None if caller_windows else windows, prof,
                                  guard_windows, caller_windows)
+    held = guard_w if isinstance(guard_w, torch.Tensor) else None  # compensation's selection text too
+    if not (r.method.guard and get_method(r.method.name).guarded):
+        guard_w = None
     plan = _allocation(r, model, prof, windows, progress, guard_w)
     if pol.calibrated:
         from .calibration import calibrate
@@ -169,7 +172,7 @@ def allocate(source, budget=None, method: str | None = None, *, recipe: Recipe |
     made = r.with_data(**data)
     plan.meta["recipe"] = made.to_dict()
     if r.compensation.enabled:
-        plan = _compensate(model, plan, made, windows, progress)
+        plan = _compensate(model, plan, made, windows, progress, held)
     plan.meta["created_with"] = f"allocmoe {__version__}"
     return plan
 
@@ -247,9 +250,11 @@ def _allocation(r: Recipe, model, prof: Profile | None, windows, progress: bool,
     return plan
 
 
-def _compensate(model: nn.Module, plan: Plan, r: Recipe, windows: torch.Tensor, progress: bool) -> Plan:
+def _compensate(model: nn.Module, plan: Plan, r: Recipe, windows: torch.Tensor, progress: bool,
+                held: torch.Tensor | None = None) -> Plan:
     """A copy of `plan` with compensation fitted per the recipe's settings; meta["recipe"] records `r` with
-    the ridge the fitter used."""
+    the ridge the fitter used. `held`: held-out calibration windows (the guard's) on which the fitting mode
+    and the maps kept are chosen, so all of `windows` is fitted on; None: the last eighth of `windows`."""
     from .compensation_fit import fit_best
 
     c = r.compensation
@@ -257,6 +262,8 @@ def _compensate(model: nn.Module, plan: Plan, r: Recipe, windows: torch.Tensor, 
     if c.ridge is not None:
         kw["ridge"] = c.ridge
     out = Plan.from_dict(plan.to_dict())
+    if held is not None:
+        kw.setdefault("holdout", held)
     comp = fit_best(model, out, windows, rank=c.rank, progress=progress, **kw)
     out.compensation_maps, out.compensation = comp, comp.summary()
     if c.ridge is None and "ridges" not in c.options and isinstance(comp.meta.get("ridge"), (int, float)):
@@ -292,8 +299,17 @@ def add_compensation(model: nn.Module, plan: Plan, *, tokenizer=None, texts: lis
         # other text than the plan's own: compensate on it, but no single recipe re-makes the result
         w = calibration_windows(tokenizer, texts, windows, r.data.calibration_tokens, r.data.seq_len,
                                 what="compensation")
-        out = _compensate(model, plan, r.with_data(fingerprint=None), w, progress)
+        out = _compensate(model, plan, r.with_data(fingerprint=None), w, progress,
+                          _held_for_compensation(r, model, tokenizer, texts, windows, w))
         out.meta.pop("recipe", None)
         out.meta["recipe_note"] = "compensation was fitted on other text than the plan; no recipe re-makes it"
         return out
-    return _compensate(model, plan, r.with_data(**wdata), w, progress)
+    return _compensate(model, plan, r.with_data(**wdata), w, progress,
+                       _held_for_compensation(r, model, tokenizer, texts, windows, w))
+
+
+def _held_for_compensation(r: Recipe, model, tokenizer, texts, windows, w) -> torch.Tensor | None:
+    """The guard's held-out calibration windows beyond `w`, or None (then fit_best holds out `w`'s end)."""
+    caller_windows = windows is not None and texts is None
+    held = _guard_windows(r, model, tokenizer, texts, None if caller_windows else w, None, None, caller_windows)
+    return held if isinstance(held, torch.Tensor) else None

@@ -174,13 +174,16 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_fr
             k_to: int | None = None, batch_size: int = 8, renormalize: str = "native", cached: bool = True,
             out: str | os.PathLike | None = None, resume: bool = False, progress: bool = True,
             data_info: dict | None = None, token_policy: str = "fixed", write=None, at=None,
-            rounds: int | None = None, around: list[int] | None = None) -> Profile:
+            rounds: int | None = None, around: list[int] | None = None, window: int | str | None = "default"
+            ) -> Profile:
     """Profile every MoE layer of `model` on token `windows` [N, seq_len] (see module docstring).
 
     `at` is the operating point (operating_point.py): None or "full" measures each layer with every other
     layer at full K; a budget (a fraction or activations per token) measures S[l][k] with every other layer
     at that budget's allocation (uniform first, then the DP plan, at most `rounds` profiles), KL to the full
-    model. `around` (one k per MoE layer) is one such pass: the other layers at these k.
+    model. `around` (one k per MoE layer) is one such pass: the other layers at these k. `window`: with `at`,
+    each round's candidate k lie within this many of its allocation (default operating_point.WINDOW; None:
+    every k in k_from..k_to).
 
     `write`: how the finished profile's dict is written (default: to `out`; the CLI passes the writer of its
     checked output, which never clobbers a file that appeared meanwhile). `out` also names the partial file.
@@ -199,7 +202,8 @@ def profile(model: nn.Module, windows: torch.Tensor, *, metric: str = "kl", k_fr
 
         return profile_at(_profile, model, windows, at, rounds=rounds, metric=metric, k_from=k_from, k_to=k_to,
                           batch_size=batch_size, renormalize=renormalize, cached=cached, out=out, resume=resume,
-                          progress=progress, data_info=data_info, token_policy=token_policy, write=write)
+                          progress=progress, data_info=data_info, token_policy=token_policy, write=write,
+                          **({} if window == "default" else {"window": window}))
     pol = get_policy(token_policy)
     if metric not in METRICS:
         raise ProfileError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")

@@ -10,6 +10,8 @@ ALLOCMOE_COUNTS_INTERVAL seconds (default 0.25) when the counts changed, atomica
 
 `tokens` are the tokens the layer routed and `pairs` the (token, expert) ids its experts kernel was given,
 both counted from the routing tensors on the device, so `pairs / tokens` is what vLLM ran, not the plan.
+With ALLOCMOE_VLLM_PROFILE=1 (benchmarks, enforce_eager only) each layer also has
+`"profile": {"<tokens in the call>": [calls, expert_seconds, pairs, distinct_experts], ...}` (hook._profiled).
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ def snapshot(applied: list[dict], plan: dict) -> dict:
     layers = []
     for l in applied:
         tokens, pairs = (int(v) for v in l["runner"].allocmoe_counts.tolist())
-        layers.append({k: l[k] for k in ("name", "layer", "k", "original_k")} | {"tokens": tokens, "pairs": pairs})
+        row = {k: l[k] for k in ("name", "layer", "k", "original_k")} | {"tokens": tokens, "pairs": pairs}
+        if "profile" in l:  # ALLOCMOE_VLLM_PROFILE=1 (hook._profiled): {tokens per call: [calls, s, pairs, distinct]}
+            row["profile"] = {str(t): list(v) for t, v in sorted(dict(l["profile"]).items())}
+        layers.append(row)
     return summarize(layers, plan)
 
 

@@ -77,9 +77,57 @@ def _instrument(runner, prefix: str, idx: int, k: int, original_k: int, num_expe
         c[1].add_((ids >= 0).sum())  # (token, expert) pairs handed to the experts kernel
         return weights, ids
 
+    entry = {"name": prefix, "layer": idx, "k": k, "original_k": original_k, "num_experts": num_experts,
+             "runner": runner}
+    if os.environ.get("ALLOCMOE_VLLM_PROFILE") == "1":
+        select_experts = _profiled(runner, entry, select_experts)
     router.select_experts = select_experts
-    APPLIED.append({"name": prefix, "layer": idx, "k": k, "original_k": original_k, "num_experts": num_experts,
-                    "runner": runner})
+    APPLIED.append(entry)
+
+
+def _profiled(runner, entry: dict, select):
+    """ALLOCMOE_VLLM_PROFILE=1 (benchmarks only; needs enforce_eager: it reads values on the host every call):
+    per call, keyed by the call's token count, `entry["profile"][T] = [calls, expert_seconds, pairs,
+    distinct_experts]`: the wall time of the routed-experts kernel call (`routed_experts.forward_modular`,
+    device-synchronised), the (token, expert) pairs and the distinct experts it was handed."""
+    import time
+
+    import torch
+
+    prof = entry["profile"] = {}
+    routed = getattr(runner, "routed_experts", None)
+    kernel = getattr(routed, "forward_modular", None)
+    if kernel is None:
+        raise VllmPlanError(f"ALLOCMOE_VLLM_PROFILE: vLLM's MoE layer {entry['name']} has no "
+                            f"routed_experts.forward_modular to time in this vLLM version")
+    current = {"T": None}
+
+    def select_experts(*args, **kwargs):
+        weights, ids = select(*args, **kwargs)
+        valid = ids[ids >= 0]
+        T = int(ids.shape[0])
+        row = prof.setdefault(T, [0, 0.0, 0, 0])
+        row[0] += 1
+        row[2] += int(valid.numel())
+        row[3] += int(torch.unique(valid).numel())
+        current["T"] = T
+        return weights, ids
+
+    def forward_modular(*args, **kwargs):
+        x = kwargs.get("x", args[0] if args else None)
+        cuda = isinstance(x, torch.Tensor) and x.is_cuda
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        out = kernel(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        if current["T"] is not None:
+            prof[current["T"]][1] += time.perf_counter() - t0
+        return out
+
+    routed.forward_modular = forward_modular
+    return select_experts
 
 
 def _wrap_factory(orig):
