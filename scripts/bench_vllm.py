@@ -9,16 +9,34 @@ Three engines are started in one process and kept alive: `full` (stock), `global
 `hf_overrides={"num_experts_per_tok": k}`) and `plan` (allocmoe's plugin, the plan named by
 `hf_overrides={"allocmoe_plan": ...}`). Without --plan, the per-layer plan has the same total as `global`
 (k+1 and k-1 alternating, so it cannot be faster by spending less). For each concurrency (default 1, 4, 16
-requests submitted together) the three engines are timed in rotating order for --repeats rounds; the table
-reports median output tokens/s and the ratio to `full`. `--shape` builds a config-only model directory with
-the real dimensions of a checkpoint (allocmoe.shapes; few layers) and loads it with random (dummy) weights:
-what matters for speed is the shape of the compute, and a fixed-k plan runs exactly k pairs per token
-whatever the weights are. The plugin's measured counts are reported beside the timings.
+requests submitted together) the three engines are timed in rotating order for --repeats rounds. `--shape`
+builds a config-only model directory with the real dimensions of a checkpoint (allocmoe.shapes; few layers)
+and loads it with random (dummy) weights: what matters for speed is the shape of the compute, and a fixed-k
+plan runs exactly k pairs per token whatever the weights are.
+
+Timing: each round submits the N requests to the engine (`LLMEngine.add_request`) and steps it to the end,
+timestamping every streamed output in this (front-end) process: TTFT = first token's arrival - submission,
+ITL = the gaps between a request's successive token arrivals (per token), output tokens/s = N x max_tokens
+/ round wall time. The round's prefill phase is submission -> the last request's first token, its decode
+phase the rest. Reported: medians of tok/s over rounds, median and p90 of TTFT and ITL pooled over rounds and
+requests, ratios to `full` and to `global`.
+
+Amdahl limit (unless --no-profile): before the timed engines, one profiling engine per variant (`full` as
+the identity plan, `global` as the uniform plan k, `plan`), eager, with ALLOCMOE_VLLM_PROFILE=1, runs each
+workload once: the plugin times the routed-experts kernel call of every MoE layer (device-synchronised) and
+counts its pairs and distinct experts, per call. Calls with more tokens than N requests are prefill(-holding)
+steps, the others batched decode steps. The expert share of each phase is s = (full's expert seconds in that
+phase) / (the timed full engine's median wall time of that phase); the expert work ratio r is, in prefill,
+the (token, expert) pairs ratio and, in batched decode, the ratio of distinct experts read per decode step
+(both measured), and limit = T_full / (T_pre ((1 - s_pre) + s_pre r_pre) + T_dec ((1 - s_dec) + s_dec r_dec)),
+the speed-up over `full` that removing only the expert work could give. Targets (reported, never forced):
+plan >= 0.95 x global at equal activations and plan >= 0.90 x its limit against full.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -49,23 +67,173 @@ def moe_layers(cfg: dict) -> list[int]:
     return [i for i in range(n) if i >= first and i not in only and (i + 1) % step == 0]
 
 
-def synth_plan(model_dir: Path, k: int, out: Path) -> Path:
-    """A per-layer plan (k+1, k-1, ...) with the same total as global top-k, in allocmoe's plan format."""
+def write_plan(model_dir: Path, ks_for: "callable", out: Path, recipe: str) -> Path:
+    """A fixed-policy plan in allocmoe's plan format with k_j = ks_for(j, n_moe_layers) per MoE layer."""
     from allocmoe_vllm.plancheck import config_fingerprint
 
     cfg = json.loads((model_dir / "config.json").read_text())
     idx = moe_layers(cfg)
-    ks = [k + (1 if j % 2 == 0 else -1) for j in range(len(idx))]
-    if len(idx) % 2:
-        ks[-1] = k
+    ks = [ks_for(j, len(idx)) for j in range(len(idx))]
     fp = config_fingerprint(cfg)
+    names = [f"model.layers.{i}.mlp" for i in idx]
     plan = {"format": "allocmoe-plan", "version": 1, "method": "manual", "token_policy": {"name": "fixed"},
-            "renormalize": "native", "layers": [{"k": kk, "name": f"model.layers.{i}.mlp"} for kk, i in zip(ks, idx)],
-            "model": {**fp, "num_moe_layers": len(idx), "moe_layer_names": [f"model.layers.{i}.mlp" for i in idx]},
+            "renormalize": "native", "layers": [{"k": kk, "name": n} for kk, n in zip(ks, names)],
+            "model": {**fp, "num_moe_layers": len(idx), "moe_layer_names": names},
             "budget": {"activations_per_token": sum(ks), "original_activations_per_token": fp["top_k"] * len(idx)},
-            "meta": {"recipe": f"bench_vllm synthetic per-layer plan around k={k}"}}
+            "meta": {"recipe": recipe}}
     out.write_text(json.dumps(plan, indent=1))
     return out
+
+
+def synth_plan(model_dir: Path, k: int, out: Path) -> Path:
+    """A per-layer plan (k+1, k-1, ...) with the same total as global top-k, in allocmoe's plan format."""
+    def ks(j, n):
+        return k if (n % 2 and j == n - 1) else k + (1 if j % 2 == 0 else -1)
+
+    return write_plan(model_dir, ks, out, f"bench_vllm synthetic per-layer plan around k={k}")
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) of xs, linear interpolation; None for no data."""
+    xs = sorted(xs)
+    if not xs:
+        return None
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def timed_round(llm, prompts, sp, tag: str) -> dict:
+    """Submit all prompts, step the engine to the end; per-request token arrival times (front-end clock)."""
+    eng = llm.llm_engine
+    t0 = time.perf_counter()
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        eng.add_request(rid, p, sp)
+    seen = {rid: 0 for rid in ids}
+    arrivals = {rid: [] for rid in ids}
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        now = time.perf_counter()
+        for o in outs:
+            if o.request_id not in seen:
+                continue
+            n = len(o.outputs[0].token_ids)
+            arrivals[o.request_id] += [now] * (n - seen[o.request_id])
+            seen[o.request_id] = n
+    wall = time.perf_counter() - t0
+    ttft = [a[0] - t0 for a in arrivals.values() if a]
+    itl = [b - a for arr in arrivals.values() for a, b in zip(arr, arr[1:])]
+    pre = max(ttft) if ttft else wall
+    return {"wall_s": wall, "ttft_s": ttft, "itl_s": itl, "prefill_s": pre, "decode_s": wall - pre,
+            "tokens": sum(seen.values())}
+
+
+def phase_profile(before: dict | None, after: dict | None, c: int) -> dict | None:
+    """Sum over MoE layers of the profile difference (after - before) split at c tokens per call."""
+    if not after:
+        return None
+    base = {l["layer"]: l.get("profile", {}) for l in (before or {}).get("layers", [])}
+    out = {ph: {"calls": 0, "expert_s": 0.0, "pairs": 0, "distinct": 0} for ph in ("prefill", "decode")}
+    for l in after["layers"]:
+        for t, row in l.get("profile", {}).items():
+            b = base.get(l["layer"], {}).get(t, [0, 0.0, 0, 0])
+            ph = out["prefill" if int(t) > c else "decode"]
+            for key, i in (("calls", 0), ("expert_s", 1), ("pairs", 2), ("distinct", 3)):
+                ph[key] += row[i] - b[i]
+    return out
+
+
+def wait_counts(path: str, before: dict | None, min_new: int, timeout: float = 20.0) -> dict | None:
+    from allocmoe_vllm.counts import read_counts
+
+    deadline = time.time() + timeout
+    while True:
+        c = read_counts(path)
+        if c and c["tokens"] - ((before or {}).get("tokens") or 0) >= min_new or time.time() > deadline:
+            return c
+        time.sleep(0.2)
+
+
+def shutdown(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+def profile_engines(common: dict, plans: dict, concurrencies: list[int], workloads: dict, sp, tmp: Path) -> dict:
+    """One eager profiling engine per variant (plugin, ALLOCMOE_VLLM_PROFILE=1), one after another."""
+    from vllm import LLM
+
+    from allocmoe_vllm.counts import read_counts
+
+    prof = {}
+    for name, plan in plans.items():
+        path = str(tmp / f"profile-{name}.counts.json")
+        os.environ.update(ALLOCMOE_COUNTS=path, ALLOCMOE_VLLM_PROFILE="1")
+        try:
+            llm = LLM(**{**common, "enforce_eager": True}, hf_overrides={"allocmoe_plan": str(plan)})
+        finally:
+            os.environ.pop("ALLOCMOE_VLLM_PROFILE", None)
+        prof[name] = {}
+        for c in concurrencies:
+            llm.generate(workloads[c], sp, use_tqdm=False)  # warm-up at this batch size
+            time.sleep(0.6)
+            before = read_counts(path)
+            r = timed_round(llm, workloads[c], sp, f"profile-{name}-{c}")
+            ran = sum(len(p["prompt_token_ids"]) for p in workloads[c]) + r["tokens"] - len(workloads[c])
+            after = wait_counts(path, before, ran)
+            prof[name][str(c)] = {"phases": phase_profile(before, after, c), "eager_prefill_s": r["prefill_s"],
+                                  "eager_decode_s": r["decode_s"]}
+        shutdown(llm)
+        del llm
+        gc.collect()
+    return prof
+
+
+def amdahl(prof: dict | None, c: int, names: list[str], timed: dict) -> dict:
+    """Per engine: s, r and limit = T_full / predicted T (see the module docstring)."""
+    out = {}
+    if not prof:
+        return out
+    f = prof["full"][str(c)]["phases"]
+    if not f:
+        return out
+    T_pre, T_dec = timed["full"]["prefill_s"], timed["full"]["decode_s"]
+    s_pre = min(1.0, f["prefill"]["expert_s"] / T_pre) if T_pre > 0 else 0.0
+    s_dec = min(1.0, f["decode"]["expert_s"] / T_dec) if T_dec > 0 else 0.0
+    for n in names:
+        p = (prof.get(n) or {}).get(str(c), {}).get("phases")
+        if not p:
+            continue
+        r_pre = p["prefill"]["pairs"] / f["prefill"]["pairs"] if f["prefill"]["pairs"] else 1.0
+        r_dec = p["decode"]["distinct"] / f["decode"]["distinct"] if f["decode"]["distinct"] else 1.0
+        pred = T_pre * ((1 - s_pre) + s_pre * r_pre) + T_dec * ((1 - s_dec) + s_dec * r_dec)
+        out[n] = {"s_prefill": s_pre, "s_decode": s_dec, "r_prefill_pairs": r_pre, "r_decode_distinct": r_dec,
+                  "r_decode_pairs": p["decode"]["pairs"] / f["decode"]["pairs"] if f["decode"]["pairs"] else None,
+                  "distinct_experts_per_decode_step": p["decode"]["distinct"] / p["decode"]["calls"]
+                  if p["decode"]["calls"] else None,
+                  "limit_vs_full": (T_pre + T_dec) / pred if pred > 0 else None}
+    return out
+
+
+def markdown(results: dict, names: list[str], gname: str) -> str:
+    ms = lambda v: "" if v is None else f"{1000 * v:.1f}"  # noqa: E731
+    x = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = ["| requests | engine | tok/s | x full | x global | limit | TTFT med / p90 ms | ITL med / p90 ms "
+            "| plan >= 0.95 global | plan >= 0.90 limit |", "|---:|---|---:|---:|---:|---:|---:|---:|:-:|:-:|"]
+    for c, res in results.items():
+        for n in names:
+            e = res[n]
+            t = res.get("targets", {}) if n == "plan" else {}
+            yes = lambda v: "" if v is None else ("yes" if v else "**no**")  # noqa: E731
+            rows.append(f"| {c} | {n} | {e['output_tokens_per_s']:.1f} | {x(e['speedup_vs_full'])} | "
+                        f"{x(e['ratio_vs_global'])} | {x(e.get('limit_vs_full'))} | {ms(e['ttft_median_s'])} / "
+                        f"{ms(e['ttft_p90_s'])} | {ms(e['itl_median_s'])} / {ms(e['itl_p90_s'])} | "
+                        f"{yes(t.get('plan_ge_095_global'))} | {yes(t.get('plan_ge_090_limit'))} |")
+    return "\n".join(rows)
 
 
 def main() -> int:
@@ -80,10 +248,22 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--eager", action="store_true", help="timed engines without torch.compile / CUDA graphs")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiling engines (no Amdahl limit)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.28, help="per engine (three engines)")
     ap.add_argument("--kv-cache-mib", type=int, default=256, help="CPU: KV cache per engine (MiB)")
+    ap.add_argument("--md", help="also write the markdown table here")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    try:
+        concurrencies = [int(x) for x in a.concurrency.split(",")]
+    except ValueError:
+        ap.error(f"--concurrency must be comma-separated integers, got {a.concurrency!r}")
+    if min(concurrencies) < 1 or a.repeats < 1 or a.max_tokens < 2:
+        ap.error("--concurrency values and --repeats must be >= 1 and --max-tokens >= 2")
+    if a.prompt_len <= max(concurrencies):
+        ap.error(f"--prompt-len must exceed the largest concurrency ({max(concurrencies)}): calls with more "
+                 f"tokens than requests are how prefill steps are told from decode steps")
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -93,10 +273,12 @@ def main() -> int:
     cfg = json.loads((model_dir / "config.json").read_text())
     top_k = cfg["num_experts_per_tok"]
     k = a.k or max(1, top_k // 2)
+    if not 1 <= k <= top_k:
+        ap.error(f"--k must be in 1..{top_k} (the model's top-k), got {k}")
     plan = Path(a.plan) if a.plan else synth_plan(model_dir, k, tmp / "plan.json")
-    os.environ.setdefault("ALLOCMOE_COUNTS", str(tmp / "counts.json"))
+    gname = f"global_k{k}"
     common = dict(model=str(model_dir), dtype=a.dtype, max_model_len=a.prompt_len + a.max_tokens + 8, seed=0,
-                  max_num_seqs=max(int(c) for c in a.concurrency.split(",")), enable_prefix_caching=False,
+                  max_num_seqs=max(concurrencies), enable_prefix_caching=False, enforce_eager=a.eager,
                   max_num_batched_tokens=max(1024, a.prompt_len + a.max_tokens))
     if a.shape:
         common.update(load_format="dummy", skip_tokenizer_init=True)
@@ -109,43 +291,79 @@ def main() -> int:
             common["kv_cache_memory_bytes"] = a.kv_cache_mib << 20
     except ImportError:  # pragma: no cover
         pass
-    engines = {
-        "full": LLM(**common),
-        f"global_k{k}": LLM(**common, hf_overrides={"num_experts_per_tok": k}),
-        "plan": LLM(**common, hf_overrides={"allocmoe_plan": str(plan)}),
-    }
     vocab = cfg["vocab_size"]
     sp = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True)
+    workloads = {c: [TokensPrompt(prompt_token_ids=[(7 + 31 * i + 17 * j) % (vocab - 10) + 5
+                                                    for j in range(a.prompt_len)]) for i in range(c)]
+                 for c in concurrencies}
+
+    prof = None
+    if not a.no_profile:
+        full_p = write_plan(model_dir, lambda j, n: top_k, tmp / "full_plan.json", "bench_vllm identity plan")
+        uni_p = write_plan(model_dir, lambda j, n: k, tmp / "global_plan.json", f"bench_vllm uniform k={k}")
+        prof = profile_engines(common, {"full": full_p, gname: uni_p, "plan": plan}, concurrencies, workloads, sp,
+                               tmp)
+
+    os.environ["ALLOCMOE_COUNTS"] = str(tmp / "counts.json")
+    engines = {
+        "full": LLM(**common),
+        gname: LLM(**common, hf_overrides={"num_experts_per_tok": k}),
+        "plan": LLM(**common, hf_overrides={"allocmoe_plan": str(plan)}),
+    }
+    names = list(engines)
     results = {}
-    for c in (int(x) for x in a.concurrency.split(",")):
-        prompts = [TokensPrompt(prompt_token_ids=[(7 + 31 * i + 17 * j) % (vocab - 10) + 5
-                                                  for j in range(a.prompt_len)]) for i in range(c)]
-        names = list(engines)
+    for c in concurrencies:
         for llm in engines.values():  # warm-up at this batch size
-            llm.generate(prompts, sp, use_tqdm=False)
-        times = {n: [] for n in names}
+            llm.generate(workloads[c], sp, use_tqdm=False)
+        rounds = {n: [] for n in names}
         for r in range(a.repeats):
             for n in names[r % 3:] + names[:r % 3]:  # rotate the order every round
-                t0 = time.perf_counter()
-                engines[n].generate(prompts, sp, use_tqdm=False)
-                times[n].append(time.perf_counter() - t0)
-        med = {n: statistics.median(t) for n, t in times.items()}
-        results[str(c)] = {n: {"median_s": med[n], "times_s": times[n],
-                               "output_tokens_per_s": c * a.max_tokens / med[n], "speedup_vs_full": med["full"] / med[n]}
-                           for n in names}
-        print(f"concurrency {c:>3}: " + "  ".join(f"{n} {results[str(c)][n]['output_tokens_per_s']:.1f} tok/s "
-                                                 f"(x{results[str(c)][n]['speedup_vs_full']:.3f})" for n in names),
-              flush=True)
+                rounds[n].append(timed_round(engines[n], workloads[c], sp, f"{n}-{c}-{r}"))
+        res = {}
+        for n in names:
+            rs = rounds[n]
+            ttft = [t for x in rs for t in x["ttft_s"]]
+            itl = [t for x in rs for t in x["itl_s"]]
+            res[n] = {"median_s": statistics.median(x["wall_s"] for x in rs), "times_s": [x["wall_s"] for x in rs],
+                      "output_tokens_per_s": statistics.median(c * a.max_tokens / x["wall_s"] for x in rs),
+                      "prefill_s": statistics.median(x["prefill_s"] for x in rs),
+                      "decode_s": statistics.median(x["decode_s"] for x in rs),
+                      "ttft_median_s": pct(ttft, 0.5), "ttft_p90_s": pct(ttft, 0.9),
+                      "itl_median_s": pct(itl, 0.5), "itl_p90_s": pct(itl, 0.9)}
+        for n in names:
+            res[n]["speedup_vs_full"] = res[n]["output_tokens_per_s"] / res["full"]["output_tokens_per_s"]
+            res[n]["ratio_vs_global"] = res[n]["output_tokens_per_s"] / res[gname]["output_tokens_per_s"]
+        lim = amdahl(prof, c, names, res)
+        for n in names:
+            if n in lim:
+                res[n].update(amdahl=lim[n], limit_vs_full=lim[n]["limit_vs_full"])
+        p = res["plan"]
+        res["targets"] = {"plan_ge_095_global": p["ratio_vs_global"] >= 0.95,
+                          "plan_ge_090_limit": (p["speedup_vs_full"] >= 0.90 * p["limit_vs_full"])
+                          if p.get("limit_vs_full") else None}
+        results[str(c)] = res
+        print(f"concurrency {c:>3}: " + "  ".join(
+            f"{n} {res[n]['output_tokens_per_s']:.1f} tok/s (x{res[n]['speedup_vs_full']:.3f}"
+            + (f", limit x{res[n]['limit_vs_full']:.3f}" if res[n].get("limit_vs_full") else "") + ")"
+            for n in names), flush=True)
     from allocmoe_vllm.counts import read_counts
 
     time.sleep(1.0)
     plan_d = json.loads(plan.read_text())
     out = {"model": a.shape or a.model, "dtype": a.dtype, "top_k": top_k, "global_k": k,
            "plan_ks": [l["k"] for l in plan_d["layers"]], "prompt_len": a.prompt_len, "max_tokens": a.max_tokens,
-           "repeats": a.repeats, "measured_plan_counts": read_counts(), "results": results}
+           "repeats": a.repeats, "eager": a.eager, "measured_plan_counts": read_counts(), "results": results,
+           "profile": prof, "timing": "front-end streaming timestamps (LLMEngine.add_request + step)",
+           "limit": "Amdahl on the routed-expert share; prefill: pairs ratio, batched decode: distinct-experts ratio"}
     import vllm
 
     out["vllm"] = vllm.__version__
+    for llm in engines.values():
+        shutdown(llm)
+    table = markdown(results, names, gname)
+    print(table)
+    if a.md:
+        Path(a.md).write_text(table + "\n")
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {a.out}")
     return 0

@@ -138,6 +138,11 @@ def test_cli_profile_at(tiny_dir, tmp_path):
     assert rc == 0, err
     d = json.loads((tmp_path / "op.json").read_text())
     assert d["operating_point"]["at"] == "0.5" and d["operating_point"]["budget"] == 6
+    assert d["operating_point"]["window"] == 2 and d["k_values"] == [1, 2, 3, 4]
+    rc, _, err = invoke_cli(*common, "--at", "0.5", "--window", "0", "--out", tmp_path / "w0.json")
+    assert rc == 0, err
+    w0 = json.loads((tmp_path / "w0.json").read_text())  # only the allocation's own k: nothing to move
+    assert w0["k_values"] == [2] and w0["operating_point"]["converged"] is True
     rc, _, err = invoke_cli(*common, "--out", tmp_path / "full.json")
     assert rc == 0, err
     assert json.loads((tmp_path / "full.json").read_text())["operating_point"] == {"at": "full"}

@@ -65,6 +65,8 @@ def profile(
                            "uniform first, then re-profiled around the DP plan until it stops changing."),
     rounds: int = typer.Option(2, "--rounds", min=1, help="With --at BUDGET: most profiles made (each about one "
                                "full-K profile)."),
+    window: int = typer.Option(2, "--window", min=0, help="With --at BUDGET: candidate k within this many of the "
+                               "allocation each round is measured around."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from <out>.partial.json "
                                 "(a finished <out> is replaced only with --force)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
@@ -109,7 +111,8 @@ def profile(
     t0 = time.perf_counter()
     p = run_profile(m, w, metric=metric, k_from=k_from, k_to=k_to, batch_size=batch_size, renormalize=renormalize,
                     cached=not naive, out=out_path, resume=resume, data_info={"files": names},
-                    token_policy=token_policy, write=target.write_json, at=at, rounds=rounds)
+                    token_policy=token_policy, write=target.write_json, at=at, rounds=rounds,
+                    window=window)
     if is_main():
         if target.notice:
             err.print(f"notice: {target.notice}", highlight=False, markup=False, soft_wrap=True)
