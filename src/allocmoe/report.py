@@ -155,26 +155,35 @@ def ablation_table(results: dict) -> list[str]:
 
 
 def sensitivity_table(results: dict) -> list[str]:
-    """Alloc-L's input, one row per MoE layer: the profile's cost of that layer at each k (every other layer at
-    full K, or at a budget's allocation for an operating-point profile), and the spread between the most and
-    the least sensitive layer at half K."""
+    """Alloc-L's input, one row per MoE layer: the profile's cost of that layer at each k, and the spread between
+    the most and the least sensitive layer. Full-K profile (every other layer at full K): the cost at the k
+    nearest half K. Operating-point profile: what the DP trades, the cost of one activation fewer in layer l,
+    S[l][a_l - 1] - S[l][a_l] around the allocation a (S[l][a_l] itself is the whole allocation's KL, the same
+    for every layer, so it says nothing about layer l)."""
     prof = results.get("profile") or {}
     S, ks = prof.get("sensitivity"), prof.get("k_values")
     if not S or not ks:
         return []
-    top = max(ks)
+    top = (results.get("model") or {}).get("top_k") or max(ks)
     shown = [k for k in ks if k < top]
-    half = min(shown, key=lambda k: abs(k - top / 2)) if shown else top
-    col = [row[ks.index(half)] for row in S]
     op = prof.get("operating_point") or {"at": "full"}
-    where = ("every other layer at full K" if op.get("at") == "full" else
-             f"every other layer at budget {op.get('at')}'s allocation {op.get('around')}")
+    around = op.get("around") if op.get("at") != "full" else None
+    if around and all(a - 1 in ks and a in ks for a in around):
+        col = [row[ks.index(a - 1)] - row[ks.index(a)] for row, a in zip(S, around)]
+        what = "cost of one activation fewer (S[l][a-1] - S[l][a], a: the layer's k in the allocation)"
+        where = f"every other layer at budget {op.get('at')}'s allocation {around}"
+    else:
+        half = min(shown or ks, key=lambda k: abs(k - top / 2))
+        col = [row[ks.index(half)] for row in S]
+        what = f"cost at k={half}"
+        where = ("every other layer at full K" if around is None else
+                 f"every other layer at budget {op.get('at')}'s allocation {around}")
     lines = [f"## Per-layer sensitivity (the profile: {prof.get('metric')} of one layer at top-k, {where}; "
              f"{prof.get('tokens', 0):,} calibration tokens)", ""]
     spread = (f"spread **{max(col) / min(col):.1f}x**" if min(col) > 0 else
               "spread undefined (the least sensitive layer's cost is not above 0: within measurement noise)")
-    lines += [f"At k={half}: most sensitive MoE layer {col.index(max(col))} ({max(col):.3g}), least "
-              f"{col.index(min(col))} ({min(col):.3g}), {spread}.", ""]
+    lines += [f"{what[0].upper() + what[1:]}: most sensitive MoE layer {col.index(max(col))} ({max(col):.3g}), "
+              f"least {col.index(min(col))} ({min(col):.3g}), {spread}.", ""]
     head = "| MoE layer |" + "".join(f" k={k} |" for k in shown)
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     lines += [f"| {i} |" + "".join(f" {row[ks.index(k)]:.3g} |" for k in shown) for i, row in enumerate(S)]
