@@ -106,6 +106,10 @@ def pct(xs: list[float], q: float) -> float | None:
 
 def timed_round(llm, prompts, sp, tag: str) -> dict:
     """Submit all prompts, step the engine to the end; per-request token arrival times (front-end clock)."""
+    from vllm.sampling_params import RequestOutputKind
+
+    sp = sp.clone()  # LLM.generate sets output_kind FINAL_ONLY on the params it is given (entrypoints/common/offline.py)
+    sp.output_kind = RequestOutputKind.CUMULATIVE  # an output every step: the streaming timestamps
     eng = llm.llm_engine
     t0 = time.perf_counter()
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
@@ -123,6 +127,8 @@ def timed_round(llm, prompts, sp, tag: str) -> dict:
             arrivals[o.request_id] += [now] * (n - seen[o.request_id])
             seen[o.request_id] = n
     wall = time.perf_counter() - t0
+    if any(len(set(a)) < len(a) for a in arrivals.values()) and not any(len(set(a)) > 1 for a in arrivals.values()):
+        raise SystemExit("error: the engine returned each request's tokens at once (no streaming): no ITL")
     ttft = [a[0] - t0 for a in arrivals.values() if a]
     itl = [b - a for arr in arrivals.values() for a, b in zip(arr, arr[1:])]
     pre = max(ttft) if ttft else wall

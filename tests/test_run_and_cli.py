@@ -165,17 +165,17 @@ def test_execution_key_names_what_a_plan_computes():
     assert execution_key(a) != execution_key(allocmoe.make_plan(m, [2] * n, token_policy="global"))
 
 
-def test_sensitivity_table_at_an_operating_point_shows_the_marginal_cost():
+def test_sensitivity_table_at_an_operating_point_shows_the_marginal_gain():
     from allocmoe.report import sensitivity_table
 
-    # around [3, 2, 2]: S[l][a_l] is the whole allocation's KL (0.5, 0.5, 0.7); one activation fewer costs
-    # 0.6 - 0.5, 0.9 - 0.5 and 1.0 - 0.7
+    # around [2, 1, 2]: S[l][a_l] is the whole allocation's KL (0.6, 0.9, 0.7); one activation more gains
+    # 0.6 - 0.5, 0.9 - 0.5 and 0.7 - 0.5
     S = [[0.9, 0.6, 0.5, 0.4], [0.9, 0.5, 0.3, 0.2], [1.0, 0.7, 0.5, 0.3]]
     r = {"model": {"top_k": 4}, "profile": {"k_values": [1, 2, 3, 4], "sensitivity": S, "metric": "kl",
-                                            "tokens": 64, "operating_point": {"at": "0.5", "around": [3, 2, 2]}}}
+                                            "tokens": 64, "operating_point": {"at": "0.5", "around": [2, 1, 2]}}}
     text = "\n".join(sensitivity_table(r))
-    assert "one activation fewer" in text
+    assert "one activation more" in text
     assert "most sensitive MoE layer 1 (0.4), least 0 (0.1), spread **4.0x**" in text
-    r["profile"]["operating_point"]["around"] = [3, 1, 2]  # layer 1 has no k below its own: half-K costs
+    r["profile"]["operating_point"]["around"] = [2, 4, 2]  # layer 1 has no k above its own: half-K costs
     text = "\n".join(sensitivity_table(r))
     assert "Cost at k=2: most sensitive MoE layer 2 (0.7), least 1 (0.5)" in text

@@ -157,8 +157,8 @@ def ablation_table(results: dict) -> list[str]:
 def sensitivity_table(results: dict) -> list[str]:
     """Alloc-L's input, one row per MoE layer: the profile's cost of that layer at each k, and the spread between
     the most and the least sensitive layer. Full-K profile (every other layer at full K): the cost at the k
-    nearest half K. Operating-point profile: what the DP trades, the cost of one activation fewer in layer l,
-    S[l][a_l - 1] - S[l][a_l] around the allocation a (S[l][a_l] itself is the whole allocation's KL, the same
+    nearest half K. Operating-point profile: what the DP trades, the gain of one activation more in layer l,
+    S[l][a_l] - S[l][a_l + 1] around the allocation a (S[l][a_l] itself is the whole allocation's KL, the same
     for every layer, so it says nothing about layer l)."""
     prof = results.get("profile") or {}
     S, ks = prof.get("sensitivity"), prof.get("k_values")
@@ -168,9 +168,9 @@ def sensitivity_table(results: dict) -> list[str]:
     shown = [k for k in ks if k < top]
     op = prof.get("operating_point") or {"at": "full"}
     around = op.get("around") if op.get("at") != "full" else None
-    if around and all(a - 1 in ks and a in ks for a in around):
-        col = [row[ks.index(a - 1)] - row[ks.index(a)] for row, a in zip(S, around)]
-        what = "cost of one activation fewer (S[l][a-1] - S[l][a], a: the layer's k in the allocation)"
+    if around and all(a in ks and a + 1 in ks for a in around):
+        col = [row[ks.index(a)] - row[ks.index(a + 1)] for row, a in zip(S, around)]
+        what = "gain of one activation more (S[l][a] - S[l][a+1], a: the layer's k in the allocation)"
         where = f"every other layer at budget {op.get('at')}'s allocation {around}"
     else:
         half = min(shown or ks, key=lambda k: abs(k - top / 2))
