@@ -61,13 +61,16 @@ def test_run_writes_well_formed_report(setup, monkeypatch):
     for c in r["configs"]:
         if c["method"] != "full" and c["policy"] in ("fixed", "global"):
             assert c["activations_per_token"] == sum(c["ks"])  # measured counts meet the plan exactly
-        assert c["tasks"]["toy"]["n"] == 2
+        # 2 examples cannot be above chance beyond noise: scored for the full model only, then left out
+        assert ("toy" in c.get("tasks", {})) == (c["method"] == "full")
         # every configuration is also measured out of domain, with its own measured activations
         assert c["ood"]["tokens"] == 256 and c["ood"]["perplexity"] > 1
         if c["policy"] == "fixed":
             assert c["ood"]["activations_per_token"] == sum(c["ks"])
     md = (out / "report.md").read_text()
     assert "## Budget 0.5 of the original" in md and "Alloc-L (dp)" in md and "OOD Δppl" in md
+    assert r["settings"]["tasks_at_chance"] == ["toy"] and "toy acc |" not in md
+    assert "- left out (the full model scores them at chance" in md and "toy (acc" in md
     # 10 configurations at each budget (9 from the registries + dp+global+comp) and 5 ablation ones at 0.5
     assert len(list((out / "plans").glob("*.json"))) == 2 * 10 + 5
     assert len(list((out / "plans").glob("*.compensation.safetensors"))) == 2 + 2
@@ -179,3 +182,12 @@ def test_sensitivity_table_at_an_operating_point_shows_the_marginal_gain():
     r["profile"]["operating_point"]["around"] = [2, 4, 2]  # layer 1 has no k above its own: half-K costs
     text = "\n".join(sensitivity_table(r))
     assert "Cost at k=2: most sensitive MoE layer 2 (0.7), least 1 (0.5)" in text
+
+
+def test_above_chance_needs_more_than_noise():
+    from allocmoe.evaluation import above_chance
+
+    assert not above_chance({"accuracy": 0.549, "chance": 0.5, "n": 51})  # cause_and_effect on the built-in model
+    assert not above_chance({"accuracy": 0.5, "chance": 0.5, "n": 200})
+    assert above_chance({"accuracy": 0.58, "chance": 0.5, "n": 200})  # 0.5 + 2 * 0.035 = 0.571
+    assert not above_chance({"accuracy": 1.0, "chance": 0.5, "n": 0})

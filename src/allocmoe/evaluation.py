@@ -326,3 +326,13 @@ def evaluate(model, plan=None, *, tokenizer, texts: list[str] | str | None = Non
                            progress=progress)
             res["tasks"][r["name"]] = {k: r[k] for k in ("accuracy", "accuracy_norm", "chance", "n")}
     return res
+
+
+def above_chance(task: dict, z: float = 2.0) -> bool:
+    """Whether a task result ({"accuracy", "chance", "n"}) is above chance beyond noise: accuracy more than `z`
+    binomial standard errors of a random guesser above `chance`. A task the full model scores at chance
+    cannot show what a budget costs."""
+    n, c = int(task.get("n", 0)), float(task.get("chance", 0.0))
+    if n < 1:
+        return False
+    return float(task["accuracy"]) > c + z * math.sqrt(c * (1 - c) / n)

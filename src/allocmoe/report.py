@@ -252,7 +252,9 @@ def _uncertainty(rows: list[dict]) -> tuple[list[str], list[str], list[str], str
 def markdown_report(results: dict) -> str:
     m, s = results["model"], results["settings"]
     full = next(r for r in results["configs"] if r["method"] == "full")
-    task_names = sorted(full.get("tasks", {}))
+    # tasks at chance for the full model (evaluation.above_chance) were not scored for the other configurations
+    task_names = sorted(t for t in full.get("tasks", {}) if all(t in r.get("tasks", {}) for r in results["configs"]))
+    at_chance = sorted(set(full.get("tasks", {})) - set(task_names))
     lines = [
         f"# allocmoe report: {m['architecture']}",
         "",
@@ -269,6 +271,10 @@ def markdown_report(results: dict) -> str:
           if "ood" in full else []),
         f"- full model: perplexity {_fmt(full['perplexity'])}, bits/byte {_fmt(full['bits_per_byte'], 4)}"
         + "".join(f", {t} acc {_fmt(full['tasks'][t]['accuracy'])}" for t in task_names),
+        *([f"- left out (the full model scores them at chance, within 2 binomial standard errors, so they cannot "
+           "show what a budget costs): " + ", ".join(
+               f"{t} (acc {_fmt(full['tasks'][t]['accuracy'])}, chance {_fmt(full['tasks'][t]['chance'])}, "
+               f"n {full['tasks'][t]['n']})" for t in at_chance)] if at_chance else []),
         "",
     ]
     for b in s["budgets"]:

@@ -21,7 +21,7 @@ from ._version import __version__
 from .adapters import find_moe_layers
 from .data import read_texts, token_windows
 from .errors import SettingsError
-from .evaluation import evaluate, load_task, shipped_tasks
+from .evaluation import above_chance, evaluate, load_task, shipped_tasks
 from .io import atomic_write_json, prepare_output_dir
 from .methods import METHODS
 from .models import load_model, local_path
@@ -241,6 +241,12 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
 
     configs = []
     full_res = evaluate_config(model, tok, None, val_texts, tasks, s)
+    # a task the full model scores at chance cannot show what a budget costs: scored once, then left out
+    at_chance = sorted(t for t, v in full_res.get("tasks", {}).items() if not above_chance(v))
+    if at_chance:
+        console.print(f"  tasks at chance for the full model, not scored for the other configurations: "
+                      f"{', '.join(at_chance)}")
+        tasks = [t for t in tasks if t["name"] not in at_chance]
     configs.append(dict(label="full model", method="full", policy="fixed", budget=1.0,
                         ks=[l.top_k for l in layers], **full_res, **ood(None)))
     # plans that execute the same computation (the guard often returns uniform's allocation) are evaluated once:
@@ -268,6 +274,7 @@ def run(model_spec: str | None, out: Path, settings: RunSettings | None = None, 
         "model": {"path": local_path(model_spec), **model_description(model, layers)},
         "settings": dict(vars(s), validation_files=val_names, calibration_files=cal_names, ood_files=ood_names,
                          profile_seconds=profile_seconds, allocate_seconds=t_alloc, ablation_budget=mid,
+                         tasks_at_chance=at_chance,
                          policy_aware_profile_seconds=profile_seconds_pa,
                          threads=torch.get_num_threads(),
                          torch=torch.__version__, python=platform.python_version()),
