@@ -154,10 +154,12 @@ def phase_profile(before: dict | None, after: dict | None, c: int) -> dict | Non
 def wait_counts(path: str, before: dict | None, min_new: int, timeout: float = 20.0) -> dict | None:
     from allocmoe_vllm.counts import read_counts
 
+    base = {l["layer"]: l["tokens"] for l in (before or {}).get("layers", [])}
     deadline = time.time() + timeout
-    while True:
+    while True:  # the least-advanced layer: the writer may snapshot mid-step (the last layers not yet counted)
         c = read_counts(path)
-        if c and c["tokens"] - ((before or {}).get("tokens") or 0) >= min_new or time.time() > deadline:
+        if c and min(l["tokens"] - base.get(l["layer"], 0) for l in c["layers"]) >= min_new \
+                or time.time() > deadline:
             return c
         time.sleep(0.2)
 
@@ -169,7 +171,8 @@ def shutdown(llm) -> None:
         pass
 
 
-def profile_engines(common: dict, plans: dict, concurrencies: list[int], workloads: dict, sp, tmp: Path) -> dict:
+def profile_engines(common: dict, plans: dict, concurrencies: list[int], workloads: dict, sp, tmp: Path,
+                    a_max_tokens: int) -> dict:
     """One eager profiling engine per variant (plugin, ALLOCMOE_VLLM_PROFILE=1), one after another."""
     from vllm import LLM
 
@@ -184,13 +187,20 @@ def profile_engines(common: dict, plans: dict, concurrencies: list[int], workloa
         finally:
             os.environ.pop("ALLOCMOE_VLLM_PROFILE", None)
         prof[name] = {}
+        ran = {c: sum(len(p["prompt_token_ids"]) for p in workloads[c]) + len(workloads[c]) * (a_max_tokens - 1)
+               for c in concurrencies}  # tokens one run of the workload puts through each MoE layer
+        time.sleep(0.6)
         for c in concurrencies:
+            base = read_counts(path)
             llm.generate(workloads[c], sp, use_tqdm=False)  # warm-up at this batch size
-            time.sleep(0.6)
-            before = read_counts(path)
+            before = wait_counts(path, base, ran[c])  # the warm-up's counts are flushed: the baseline
             r = timed_round(llm, workloads[c], sp, f"profile-{name}-{c}")
-            ran = sum(len(p["prompt_token_ids"]) for p in workloads[c]) + r["tokens"] - len(workloads[c])
-            after = wait_counts(path, before, ran)
+            after = wait_counts(path, before, ran[c])
+            b = {l["layer"]: l["tokens"] for l in (before or {}).get("layers", [])}
+            delta = {l["layer"]: l["tokens"] - b.get(l["layer"], 0) for l in (after or {}).get("layers", [])}
+            if not delta or set(delta.values()) != {ran[c]}:
+                raise SystemExit(f"error: profiling engine {name}: the plugin's counts for one run of the "
+                                 f"{c}-request workload are not the {ran[c]} tokens it ran")
             prof[name][str(c)] = {"phases": phase_profile(before, after, c), "eager_prefill_s": r["prefill_s"],
                                   "eager_decode_s": r["decode_s"]}
         shutdown(llm)
@@ -308,7 +318,7 @@ def main() -> int:
         full_p = write_plan(model_dir, lambda j, n: top_k, tmp / "full_plan.json", "bench_vllm identity plan")
         uni_p = write_plan(model_dir, lambda j, n: k, tmp / "global_plan.json", f"bench_vllm uniform k={k}")
         prof = profile_engines(common, {"full": full_p, gname: uni_p, "plan": plan}, concurrencies, workloads, sp,
-                               tmp)
+                               tmp, a.max_tokens)
 
     os.environ["ALLOCMOE_COUNTS"] = str(tmp / "counts.json")
     engines = {

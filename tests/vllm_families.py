@@ -9,7 +9,7 @@ Runner (vLLM environment; imports only vLLM and allocmoe_vllm, never allocmoe or
 
     .venv-vllm/bin/python tests/vllm_families.py --model DIR --prompts '[[ids...], ...]' --out out.json \\
         --engine stock --engine full=full.json --engine half=half.json [--max-tokens N] [--dtype float32]
-        [--llm-kwargs '{"attention_backend": "CPU_MLA"}']
+        [--llm-kwargs '{"attention_backend": "CPU_MLA"}'] [--one-at-a-time] [--profile NAME]
 
 Each `--engine NAME[=PLAN]` is an engine started with the plan named by vLLM's own option
 (`hf_overrides={"allocmoe_plan": PLAN}`), or none; it runs greedy generation on the prompts, its counts file
@@ -105,6 +105,10 @@ def _run_engine(a, name: str, plan: str | None, prompts: list[list[int]]) -> dic
     counts_file = f"{a.out}.{name}.counts.json"
     os.environ["ALLOCMOE_COUNTS"] = counts_file  # the engine process is spawned with this environment
     os.environ.pop("ALLOCMOE_PLAN", None)
+    if name in (a.profile or []):  # the plugin's per-call profile (hook._profiled) in this engine's counts
+        os.environ["ALLOCMOE_VLLM_PROFILE"] = "1"
+    else:
+        os.environ.pop("ALLOCMOE_VLLM_PROFILE", None)
     t0 = time.time()
     try:
         llm = LLM(model=a.model, dtype=a.dtype, max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256,
@@ -117,22 +121,33 @@ def _run_engine(a, name: str, plan: str | None, prompts: list[list[int]]) -> dic
         time.sleep(0.6)  # > ALLOCMOE_COUNTS_INTERVAL: the start-up (profiling, warm-up) counts are flushed
         before = read_counts(counts_file)
         sp = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, logprobs=1, ignore_eos=True)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+        if a.one_at_a_time:  # each prompt alone in its batch (one generate call per prompt)
+            outs = [llm.generate([TokensPrompt(prompt_token_ids=p)], sp, use_tqdm=False)[0] for p in prompts]
+        else:
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
         tokens = [list(o.outputs[0].token_ids) for o in outs]
         logprobs = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
         expected = sum(len(p) for p in prompts) + sum(len(t) - 1 for t in tokens)  # tokens the model ran
         counts = None
         deadline = time.time() + 15
+        base_tokens = {l["layer"]: l["tokens"] for l in before["layers"]} if before else {}
         while before is not None and time.time() < deadline:
+            # every layer has its tokens: the writer may snapshot mid-step (the first layers of a step counted,
+            # the last not yet), so wait for the least-advanced layer, not for the total
             counts = read_counts(counts_file)
-            if counts and counts["tokens"] - before["tokens"] >= expected:
+            if counts and min(l["tokens"] - base_tokens.get(l["layer"], 0) for l in counts["layers"]) >= expected:
                 break
             time.sleep(0.2)
         if counts is not None:
             base = {l["layer"]: l for l in before["layers"]}
             for l in counts["layers"]:
-                l["tokens"] -= base[l["layer"]]["tokens"]
-                l["pairs"] -= base[l["layer"]]["pairs"]
+                b = base[l["layer"]]
+                l["tokens"] -= b["tokens"]
+                l["pairs"] -= b["pairs"]
+                if "profile" in l:  # per call size: [calls, expert_seconds, pairs, distinct] of this generation
+                    prof = {t: [x - y for x, y in zip(row, b.get("profile", {}).get(t, [0, 0.0, 0, 0]))]
+                            for t, row in l["profile"].items()}
+                    l["profile"] = {t: row for t, row in prof.items() if row[0]}
             counts["tokens"] = max(l["tokens"] for l in counts["layers"])
             counts["activations_per_token"] = sum(l["pairs"] / l["tokens"] for l in counts["layers"] if l["tokens"])
         return {"tokens": tokens, "logprobs": logprobs, "counts": counts, "expected_tokens": expected,
@@ -157,6 +172,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--llm-kwargs", default="{}", help="more LLM(...) arguments, JSON")
+    ap.add_argument("--one-at-a-time", action="store_true", help="one generate call per prompt (batch of one)")
+    ap.add_argument("--profile", action="append", help="engine NAME run with ALLOCMOE_VLLM_PROFILE=1 (repeatable)")
     a = ap.parse_args()
     prompts = json.loads(a.prompts)
     res = {}

@@ -61,9 +61,12 @@ def main() -> int:
     expected = sum(len(p) for p in prompts) + sum(len(t) - 1 for t in tokens)  # tokens run through the model
     counts = None
     deadline = time.time() + 15
+    base_tokens = {l["layer"]: l["tokens"] for l in before["layers"]} if before else {}
     while before is not None and time.time() < deadline:  # the worker's writer flushes every 0.25 s
+        # it may snapshot mid-step (a step's first layers counted, its last not yet): wait until every layer
+        # has all the tokens, not just the total
         counts = read_counts()
-        if counts and counts["tokens"] - before["tokens"] >= expected:
+        if counts and min(l["tokens"] - base_tokens.get(l["layer"], 0) for l in counts["layers"]) >= expected:
             break
         time.sleep(0.2)
     if counts is not None:  # what the generate call ran: after - before, per layer

@@ -13,6 +13,8 @@ MoE construction, `FusedMoEFactory`, which every vLLM MoE model file calls once 
    (token, expert) ids, into a small int64 tensor on the layer (in-graph ops, so torch.compile and CUDA
    graphs keep counting); after loading, a thread writes the counts to ALLOCMOE_COUNTS (counts.py).
 4. `BaseModelLoader.load_model`: after the model is built, every plan layer must have been applied.
+5. Only with ALLOCMOE_VLLM_PROFILE=1 (scripts/bench_vllm.py's profiling engines, enforce_eager): each layer's
+   routed-experts kernel call is timed and its pairs and distinct experts are counted per call (`_profiled`).
 """
 
 from __future__ import annotations
