@@ -219,3 +219,46 @@ def test_double_apply_refused_and_handle_idempotent(models):
         h.remove()
     h.remove()
     assert allocmoe.applied_plan(m) is None
+
+
+def test_keep_weights_keeps_each_kept_experts_full_model_weight(models, ids):
+    import math
+
+    # a renormalising family: at full K keep-weights is the family's own output; below it the kept experts'
+    # weights are not scaled up, unlike native (renormalised over the kept ones)
+    q = models["mixtral"]
+    K = allocmoe.find_moe_layers(q)[0].top_k
+    L = len(allocmoe.find_moe_layers(q))
+    with torch.no_grad():
+        ref = logits(q, ids)
+        with allocmoe.apply(q, allocmoe.make_plan(q, [K] * L, renormalize="keep-weights")):
+            full = logits(q, ids)
+        assert torch.allclose(full, ref, atol=1e-6)
+        outs = {}
+        for r in ("native", "keep-weights"):
+            with allocmoe.apply(q, allocmoe.make_plan(q, [1] * L, renormalize=r)):
+                outs[r] = logits(q, ids)
+    assert not torch.allclose(outs["native"], outs["keep-weights"])
+    # the mixing weight itself: top-1 of a top-K softmax keeps p1 / (p1 + ... + pK), not 1
+    from allocmoe import patching
+
+    class _Adapter:
+        def renormalises(self, router):
+            return True
+
+        def scaling_factor(self, router):
+            return 1.0
+
+    class _Scores:
+        weight = torch.tensor([[0.5, 0.3, 0.2]])
+        rank = weight
+
+    w = patching._mix_weights(_Adapter(), None, _Scores(), torch.tensor([[0, -1]]), "keep-weights", 2)
+    assert math.isclose(float(w[0, 0]), 0.5 / 0.8, rel_tol=1e-6) and float(w[0, 1]) == 0.0
+    m = models["deepseek_v2"]  # never renormalises: keep-weights is native
+    with torch.no_grad():
+        a = [None, None]
+        for i, r in enumerate(("native", "keep-weights")):
+            with allocmoe.apply(m, allocmoe.make_plan(m, [2, 2], renormalize=r)):
+                a[i] = logits(m, ids)
+    assert torch.equal(a[0], a[1])

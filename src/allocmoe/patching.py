@@ -348,6 +348,15 @@ def _mix_weights(adapter, router, scores, index, renorm: str, original_k: int) -
         topk_idx = torch.topk(scores.rank, k=original_k, dim=-1).indices
         mass_k = scores.weight.gather(1, topk_idx).sum(dim=-1, keepdim=True)
         return w * (mass_k / (w.sum(dim=-1, keepdim=True) + 1e-20)) * scale
+    if renorm == "keep-weights":
+        # every kept expert keeps the weight it has in the full model: w over the original top-K's mass (for a
+        # renormalising family; otherwise this is native). At full K it is the family's own renormalisation;
+        # below it the kept weights are not scaled up (docs/results.md: better on the Qwen3-MoE model)
+        if not adapter.renormalises(router):
+            return w * scale
+        topk_idx = torch.topk(scores.rank, k=original_k, dim=-1).indices
+        mass_k = scores.weight.gather(1, topk_idx).sum(dim=-1, keepdim=True)
+        return w / (mass_k + 1e-20) * scale
     # native for renormalising families, 'renorm', and keep-mass for renormalising families (same thing)
     return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * scale
 

@@ -42,7 +42,7 @@ PLAN_FORMAT = "allocmoe-plan"
 PLAN_VERSIONS = (1,)  # plan versions this allocmoe reads; the last is the one it writes
 PROFILE_FORMAT = "allocmoe-profile"
 PROFILE_VERSIONS = (1,)
-RENORM_MODES = ("native", "renorm", "keep-mass")
+RENORM_MODES = ("native", "renorm", "keep-mass", "keep-weights")
 
 __all__ = [
     "PLAN_FORMAT", "PLAN_VERSIONS", "PROFILE_FORMAT", "PROFILE_VERSIONS", "RENORM_MODES", "Fingerprint",

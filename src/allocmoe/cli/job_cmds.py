@@ -22,7 +22,7 @@ def run(
     out_dir: Path = typer.Option(Path("allocmoe-run"), "--out", "-o", help="Directory for results.json, report.md, plots."),
     budgets: str = typer.Option("0.25,0.5,0.75", help="Comma-separated budgets (fractions of the original)."),
     metric: str = typer.Option("kl", help="Profiling metric used by Alloc-L: kl or loss."),
-    renormalize: str = typer.Option("native", help="native, renorm or keep-mass."),
+    renormalize: str = typer.Option("native", help="native, renorm, keep-mass or keep-weights."),
     calibration_tokens: int = typer.Option(RunSettings.calibration_tokens, min=1,
                                            help="Tokens for sensitivity profiling."),
     policy_calibration_tokens: int = typer.Option(

@@ -56,7 +56,7 @@ def profile(
     k_from: int = typer.Option(1, "--k-from", "--k-min", min=1, help="Smallest candidate k per layer."),
     k_to: Optional[int] = typer.Option(None, "--k-to", "--k-max", min=1,
                                        help="Largest candidate k per layer (default: the model's top-k)."),
-    renormalize: str = typer.Option("native", help="Weights of the kept experts: native, renorm or keep-mass."),
+    renormalize: str = typer.Option("native", help="Weights of the kept experts: native, renorm, keep-mass or keep-weights."),
     token_policy: str = typer.Option("fixed", help="Profile each layer under this token policy (the one you will "
                                                    "deploy): " + ", ".join(TOKEN_POLICIES) + "."),
     naive: bool = typer.Option(False, "--naive", help="Run full forwards per candidate (slow; for comparison)."),
@@ -146,7 +146,7 @@ def allocate(
         "flags given override its fields. Without --profile, the profile file it names is read."),
     method: Optional[str] = typer.Option(None, help="[default: dp] " + METHOD_HELP),
     token_policy: Optional[str] = typer.Option(None, help="[default: fixed] " + POLICY_HELP),
-    renormalize: Optional[str] = typer.Option(None, help="native (default), renorm or keep-mass."),
+    renormalize: Optional[str] = typer.Option(None, help="native (default), renorm, keep-mass or keep-weights."),
     min_k: Optional[int] = typer.Option(None, min=1, help="Fewest experts per token (global/threshold/top-p/naee; "
                                         "default 1)."),
     max_k: Optional[int] = typer.Option(None, min=1, help="Most experts per token (default: the model's top-k)."),
