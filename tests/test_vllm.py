@@ -196,6 +196,21 @@ def test_tensor_parallel_half_plan_matches_transformers(vllm_python, tiny):
     assert c["activations_per_token"] == sum(HALF_KS)
 
 
+def test_keep_weights_plan_matches_transformers(vllm_python, tiny):
+    """renormalize 'keep-weights' on vLLM: the plugin rescales the softmax router's renormalised weights so each
+    kept expert keeps its full-model weight; greedy tokens and log-probs equal allocmoe.apply's in transformers
+    with the same plan, and differ from the family's own renormalisation."""
+    plan = make_plan(tiny["model"], HALF_KS, renormalize="keep-weights")
+    plan.save(tiny["dir"] / "keep.json")
+    hf_tokens, hf_lps = _hf_greedy(tiny["model"], plan)
+    native_tokens, native_lps = _hf_greedy(tiny["model"], tiny["half"])
+    out = _run_vllm(vllm_python, tiny, "keep", "--eager", "--plan", str(tiny["dir"] / "keep.json"))
+    assert out["tokens"] == hf_tokens
+    assert max(abs(a - b) for x, y in zip(out["logprobs"], hf_lps) for a, b in zip(x, y)) < 1e-3
+    assert max(abs(a - b) for x, y in zip(hf_lps, native_lps) for a, b in zip(x, y)) > 1e-3  # not native
+    assert [l["pairs"] for l in out["counts"]["layers"]] == [k * out["counts"]["tokens"] for k in HALF_KS]
+
+
 def test_startup_refusals(vllm_python, tiny, tmp_path):
     plan = json.loads(Path(tiny["half"]).read_text())
     bad = {"missing": tmp_path / "missing.json", "corrupt": tmp_path / "corrupt.json",

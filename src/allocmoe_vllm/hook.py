@@ -65,12 +65,42 @@ def _wrap_create_engine_config(orig):
     return create_engine_config
 
 
-def _instrument(runner, prefix: str, idx: int, k: int, original_k: int, num_experts: int) -> None:
+def _keep_weights(router, prefix: str, k: int, original_k: int, select):
+    """renormalize 'keep-weights': a kept expert keeps its full-model weight. vLLM's softmax router renormalises
+    over the k kept (p_i / sum_kept p); times sum_kept p / sum_topK p that is p_i / sum_topK p, the weight the
+    full model gives it. A router that does not renormalise already gives the full-model weights."""
+    import torch
+
+    if not getattr(router, "renormalize", False) or k >= original_k:
+        return select
+    plain = (type(router).__name__ in ("FusedTopKRouter", "CPURouter") and not getattr(router, "use_grouped_topk", False)
+             and getattr(router, "custom_routing_function", None) is None
+             and getattr(router, "e_score_correction_bias", None) is None)
+    if getattr(router, "scoring_func", None) != "softmax" or not plain:
+        raise VllmPlanError(f"renormalize 'keep-weights' on vLLM needs a plain softmax top-k router, but vLLM's MoE "
+                            f"layer {prefix} uses {type(router).__name__} (scoring {getattr(router, 'scoring_func', None)!r}); "
+                            f"make the plan with renormalize 'native'")
+
+    def select_experts(*args, **kwargs):
+        weights, ids = select(*args, **kwargs)
+        logits = kwargs["router_logits"] if "router_logits" in kwargs else args[1]
+        p = torch.softmax(logits.float(), dim=-1)
+        kept = p.gather(1, ids.long().clamp(min=0)).sum(dim=-1, keepdim=True)
+        mass = p.topk(original_k, dim=-1).values.sum(dim=-1, keepdim=True)
+        return (weights.float() * (kept / mass)).to(weights.dtype), ids
+
+    return select_experts
+
+
+def _instrument(runner, prefix: str, idx: int, k: int, original_k: int, num_experts: int,
+                keep_weights: bool = False) -> None:
     import torch
 
     runner.register_buffer("allocmoe_counts", torch.zeros(2, dtype=torch.int64), persistent=False)
     router = runner.router
     select = router.select_experts
+    if keep_weights:
+        select = _keep_weights(router, prefix, k, original_k, select)
 
     def select_experts(*args, **kwargs):
         weights, ids = select(*args, **kwargs)
@@ -157,7 +187,7 @@ def _wrap_factory(orig):
             raise VllmPlanError(f"plan {plan['path']}: k={k} for {where} exceeds its {num_experts} experts")
         a["top_k"] = k
         runner = orig(*bound.args, **bound.kwargs)
-        _instrument(runner, prefix, idx, k, top_k, num_experts)
+        _instrument(runner, prefix, idx, k, top_k, num_experts, keep_weights=plan.get("renormalize") == "keep-weights")
         return runner
 
     FusedMoEFactory._allocmoe = True

@@ -5,7 +5,8 @@ so both refuse the same plans with the same one-line messages. No torch, transfo
 the vLLM environment pins an older transformers than allocmoe's own, and this module must not care.
 
 What vLLM can run: a `fixed` token policy (every token of layer l takes exactly k_l experts) with the
-family's own (`native`) weights and no compensation. vLLM's fused MoE takes one `top_k` per layer, fixed
+family's own (`native`) weights or `keep-weights` (each kept expert keeps its full-model weight; hook.py
+rescales a softmax router's renormalised weights) and no compensation. vLLM's fused MoE takes one `top_k` per layer, fixed
 when the layer is built; its kernels run exactly top_k (token, expert) pairs per token, so a per-layer k
 is a real saving. Per-token counts (`global`, `threshold`, `top-p`, `naee`) would need the kernels to skip
 dropped slots; the CPU kernels have no such path (a slot is an expert id in [0, E); a zero weight is still
@@ -23,6 +24,9 @@ PLAN_FORMAT = "allocmoe-plan"
 PLAN_VERSION = 1
 # keys of the plan's model fingerprint compared with the model vLLM loads (as allocmoe.plan compares them)
 CONFIG_KEYS = ("architecture", "num_experts", "top_k", "hidden_size", "num_hidden_layers")
+# native: vLLM's router as the family has it; keep-weights: each kept expert keeps its full-model weight (the
+# plugin rescales a renormalising softmax router's weights by kept mass / original top-K mass, hook.py)
+VLLM_RENORM_MODES = ("native", "keep-weights")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
@@ -69,9 +73,10 @@ def load_plan(path: str | os.PathLike) -> dict:
         raise VllmPlanError("plans with dropped-expert compensation cannot run on vLLM (its fused MoE has no hook "
                             "for the compensation maps); make the plan without --compensate")
     renorm = d.get("renormalize", "native")
-    if renorm != "native":
+    if renorm not in VLLM_RENORM_MODES:
         raise VllmPlanError(f"renormalize mode {renorm!r} cannot run on vLLM (its router applies the family's own "
-                            f"weights); make the plan with renormalize 'native'")
+                            f"weights; the plugin can also undo a softmax router's renormalisation): make the plan "
+                            f"with renormalize {' or '.join(repr(m) for m in VLLM_RENORM_MODES)}")
     names = [row.get("name") for row in layers]
     if not all(isinstance(n, str) for n in names):
         names = model.get("moe_layer_names")
@@ -87,7 +92,7 @@ def load_plan(path: str | os.PathLike) -> dict:
     if n is not None and n != len(layers):
         raise VllmPlanError(f"plan file {p} has {len(layers)} layers but its model fingerprint has {n} MoE layers")
     return {"path": str(p.resolve()), "model": model, "k_by_layer": index, "ks": [int(r["k"]) for r in layers],
-            "budget": d.get("budget") or {}}
+            "budget": d.get("budget") or {}, "renormalize": renorm}
 
 
 def layer_index(prefix: str) -> int | None:
