@@ -102,8 +102,9 @@ class RunSettings:
     metric: str = "kl"
     renormalize: str = "native"
     # token counts sized so the default job fits in 10 minutes on 2 CPU cores with either 12-MoE-layer built-in
-    # model (docs/results.md): three operating-point profiles (2 rounds each) on 8,192 tokens took that long by
-    # themselves on the top-8 model; every configuration is scored on the same tokens, so comparisons are paired
+    # model: on 8,192 calibration tokens the three operating-point profiles alone took 822 s of the top-8 model's
+    # job (1 thread, busy machine); on 4,096 each model's whole job takes 6:18 on 2 quiet cores (docs/results.md).
+    # Every configuration is scored on the same tokens, so comparisons are paired
     calibration_tokens: int = 4096
     policy_calibration_tokens: int = 4096
     eval_tokens: int = 8192
