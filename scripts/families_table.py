@@ -28,11 +28,6 @@ def _cell(base: dict, row: dict) -> str:
             + ("" if iv["resolved"] else " ≈"))
 
 
-def _label(c: dict) -> str:
-    g = c.get("guard")
-    return c["label"] + ("" if g in (None, "candidate") else f" (guard: {g})")
-
-
 def side_by_side(runs: dict[str, dict]) -> list[str]:
     names = list(runs)
     budgets = sorted({c["budget"] for r in runs.values() for c in r["configs"] if c["method"] != "full"})

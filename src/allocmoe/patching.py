@@ -336,6 +336,12 @@ def _make_router_forward(handle: AppliedPlan, st: _LayerState):
     return forward
 
 
+def _topk_mass(scores, original_k: int) -> torch.Tensor:
+    """[T, 1]: the summed weight of each token's original top-K experts."""
+    topk_idx = torch.topk(scores.rank, k=original_k, dim=-1).indices
+    return scores.weight.gather(1, topk_idx).sum(dim=-1, keepdim=True)
+
+
 def _mix_weights(adapter, router, scores, index, renorm: str, original_k: int) -> torch.Tensor:
     """Mixing weights for the kept slots (0 at dropped slots, which are never computed anyway)."""
     kept = index >= 0
@@ -345,18 +351,14 @@ def _mix_weights(adapter, router, scores, index, renorm: str, original_k: int) -
         return w * scale
     if renorm == "keep-mass" and not adapter.renormalises(router):
         # keep the mass the original top-K would have given this token (arXiv 2609.04575)
-        topk_idx = torch.topk(scores.rank, k=original_k, dim=-1).indices
-        mass_k = scores.weight.gather(1, topk_idx).sum(dim=-1, keepdim=True)
-        return w * (mass_k / (w.sum(dim=-1, keepdim=True) + 1e-20)) * scale
+        return w * (_topk_mass(scores, original_k) / (w.sum(dim=-1, keepdim=True) + 1e-20)) * scale
     if renorm == "keep-weights":
         # every kept expert keeps the weight it has in the full model: w over the original top-K's mass (for a
         # renormalising family; otherwise this is native). At full K it is the family's own renormalisation;
         # below it the kept weights are not scaled up (docs/results.md: better on the Qwen3-MoE model)
         if not adapter.renormalises(router):
             return w * scale
-        topk_idx = torch.topk(scores.rank, k=original_k, dim=-1).indices
-        mass_k = scores.weight.gather(1, topk_idx).sum(dim=-1, keepdim=True)
-        return w / (mass_k + 1e-20) * scale
+        return w / (_topk_mass(scores, original_k) + 1e-20) * scale
     # native for renormalising families, 'renorm', and keep-mass for renormalising families (same thing)
     return w / (w.sum(dim=-1, keepdim=True) + 1e-20) * scale
 

@@ -157,14 +157,12 @@ def allocate(source, budget=None, method: str | None = None, *, recipe: Recipe |
         if r.method.metric:
             prof = prof.with_metric(r.method.metric)
 
-    guard_w = None
-    if (r.method.guard and get_method(r.method.name).guarded) or r.compensation.enabled:
-        guard_w = _guard_windows(r, model, tokenizer, texts, None if caller_windows else windows, prof,
-                                 guard_windows, caller_windows)
-    held = guard_w if isinstance(guard_w, torch.Tensor) else None  # compensation's selection text too
-    if not (r.method.guard and get_method(r.method.name).guarded):
-        guard_w = None
-    plan = _allocation(r, model, prof, windows, progress, guard_w)
+    guarded = r.method.guard and get_method(r.method.name).guarded
+    held_out = None  # the guard's held-out windows (or why there are none); compensation selects on them too
+    if guarded or r.compensation.enabled:
+        held_out = _guard_windows(r, model, tokenizer, texts, None if caller_windows else windows, prof,
+                                  guard_windows, caller_windows)
+    plan = _allocation(r, model, prof, windows, progress, held_out if guarded else None)
     if pol.calibrated:
         from .calibration import calibrate
 
@@ -172,7 +170,8 @@ def allocate(source, budget=None, method: str | None = None, *, recipe: Recipe |
     made = r.with_data(**data)
     plan.meta["recipe"] = made.to_dict()
     if r.compensation.enabled:
-        plan = _compensate(model, plan, made, windows, progress, held)
+        plan = _compensate(model, plan, made, windows, progress,
+                           held_out if isinstance(held_out, torch.Tensor) else None)
     plan.meta["created_with"] = f"allocmoe {__version__}"
     return plan
 

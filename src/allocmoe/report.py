@@ -170,19 +170,19 @@ def sensitivity_table(results: dict) -> list[str]:
     around = op.get("around") if op.get("at") != "full" else None
     if around and all(a in ks and a + 1 in ks for a in around):
         col = [row[ks.index(a)] - row[ks.index(a + 1)] for row, a in zip(S, around)]
-        what = "gain of one activation more (S[l][a] - S[l][a+1], a: the layer's k in the allocation)"
+        what = "Gain of one activation more (S[l][a] - S[l][a+1], a: the layer's k in the allocation)"
         where = f"every other layer at budget {op.get('at')}'s allocation {around}"
     else:
         half = min(shown or ks, key=lambda k: abs(k - top / 2))
         col = [row[ks.index(half)] for row in S]
-        what = f"cost at k={half}"
+        what = f"Cost at k={half}"
         where = ("every other layer at full K" if around is None else
                  f"every other layer at budget {op.get('at')}'s allocation {around}")
     lines = [f"## Per-layer sensitivity (the profile: {prof.get('metric')} of one layer at top-k, {where}; "
              f"{prof.get('tokens', 0):,} calibration tokens)", ""]
     spread = (f"spread **{max(col) / min(col):.1f}x**" if min(col) > 0 else
               "spread undefined (the least sensitive layer's cost is not above 0: within measurement noise)")
-    lines += [f"{what[0].upper() + what[1:]}: most sensitive MoE layer {col.index(max(col))} ({max(col):.3g}), "
+    lines += [f"{what}: most sensitive MoE layer {col.index(max(col))} ({max(col):.3g}), "
               f"least {col.index(min(col))} ({min(col):.3g}), {spread}.", ""]
     head = "| MoE layer |" + "".join(f" k={k} |" for k in shown)
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
