@@ -585,6 +585,10 @@ def cmd_train(args):
     tok.save_pretrained(args.out_dir)
     tokens_seen = steps_done * args.batch * args.seq
     cmd = " ".join(["python", "scripts/train_default_model.py"] + sys.argv[1:])
+    # the final state, like every snapshot's (the periodic snapshot's progress.json would be stale)
+    (args.out_dir / "progress.json").write_text(json.dumps(
+        {"step": steps_done, "tokens_seen": tokens_seen, "ce_ema": ema, "elapsed_minutes": wall / 60,
+         "schedule_steps": args.steps, "command": cmd}, indent=2) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     size = sum(f.stat().st_size for f in args.out_dir.glob("*.safetensors"))
     cfg = model.config
