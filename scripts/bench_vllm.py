@@ -85,12 +85,26 @@ def write_plan(model_dir: Path, ks_for: "callable", out: Path, recipe: str) -> P
     return out
 
 
+def mixed_ks(k: int, sign: int = 1):
+    """k_j for the synthetic per-layer plan: k + sign, k - sign, ... (an odd last layer at k), the same total as
+    global top-k, so it cannot be faster by spending less."""
+    def ks(j, n):
+        return k if (n % 2 and j == n - 1) else k + (sign if j % 2 == 0 else -sign)
+
+    return ks
+
+
 def synth_plan(model_dir: Path, k: int, out: Path) -> Path:
     """A per-layer plan (k+1, k-1, ...) with the same total as global top-k, in allocmoe's plan format."""
-    def ks(j, n):
-        return k if (n % 2 and j == n - 1) else k + (1 if j % 2 == 0 else -1)
+    return write_plan(model_dir, mixed_ks(k), out, f"bench_vllm synthetic per-layer plan around k={k}")
 
-    return write_plan(model_dir, ks, out, f"bench_vllm synthetic per-layer plan around k={k}")
+
+def bench_prompts(vocab: int, n: int, prompt_len: int) -> list:
+    """n deterministic token-id prompts of prompt_len tokens (random weights: any ids will do)."""
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=[(7 + 31 * i + 17 * j) % (vocab - 10) + 5 for j in range(prompt_len)])
+            for i in range(n)]
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -282,7 +296,6 @@ def main() -> int:
                  f"tokens than requests are how prefill steps are told from decode steps")
 
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     model_dir = shape_dir(a.shape, tmp / "model") if a.shape else Path(a.model)
@@ -309,9 +322,7 @@ def main() -> int:
         pass
     vocab = cfg["vocab_size"]
     sp = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True)
-    workloads = {c: [TokensPrompt(prompt_token_ids=[(7 + 31 * i + 17 * j) % (vocab - 10) + 5
-                                                    for j in range(a.prompt_len)]) for i in range(c)]
-                 for c in concurrencies}
+    workloads = {c: bench_prompts(vocab, c, a.prompt_len) for c in concurrencies}
 
     prof = None
     if not a.no_profile:

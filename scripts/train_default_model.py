@@ -408,12 +408,7 @@ def train_loop(args, bench_seconds: float | None = None):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else _null()
 
     def snapshot(steps_done: int):
-        save_hf_snapshot(
-            model, tok, args.out_dir,
-            {"step": steps_done, "tokens_seen": steps_done * args.batch * args.seq, "ce_ema": ema,
-             "elapsed_minutes": (elapsed0 + time.time() - t_start) / 60, "schedule_steps": total,
-             "command": " ".join(["python", "scripts/train_default_model.py"] + sys.argv[1:])},
-        )
+        save_hf_snapshot(model, tok, args.out_dir, progress_state(args, steps_done, ema, elapsed0 + time.time() - t_start))
 
     pbar = tqdm(range(step0, total), initial=step0, total=total, mininterval=10, file=sys.stdout)
     step = step0
@@ -502,6 +497,13 @@ def load_weights_from(model, src: Path):
     del src_model
 
 
+def progress_state(args, steps_done: int, ema: float | None, elapsed_s: float) -> dict:
+    """What a saved model dir's progress.json records (periodic snapshots and the final save alike)."""
+    return {"step": steps_done, "tokens_seen": steps_done * args.batch * args.seq, "ce_ema": ema,
+            "elapsed_minutes": elapsed_s / 60, "schedule_steps": args.steps,
+            "command": " ".join(["python", "scripts/train_default_model.py"] + sys.argv[1:])}
+
+
 def save_hf_snapshot(model, tok, out_dir: Path, state: dict):
     """Atomically write a bf16 HF model dir (config, model.safetensors, tokenizer, progress.json):
     written to ``<out_dir>.tmp`` and renamed over ``out_dir`` (the previous copy is removed after)."""
@@ -586,9 +588,7 @@ def cmd_train(args):
     tokens_seen = steps_done * args.batch * args.seq
     cmd = " ".join(["python", "scripts/train_default_model.py"] + sys.argv[1:])
     # the final state, like every snapshot's (the periodic snapshot's progress.json would be stale)
-    (args.out_dir / "progress.json").write_text(json.dumps(
-        {"step": steps_done, "tokens_seen": tokens_seen, "ce_ema": ema, "elapsed_minutes": wall / 60,
-         "schedule_steps": args.steps, "command": cmd}, indent=2) + "\n")
+    (args.out_dir / "progress.json").write_text(json.dumps(progress_state(args, steps_done, ema, wall), indent=2) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     size = sum(f.stat().st_size for f in args.out_dir.glob("*.safetensors"))
     cfg = model.config

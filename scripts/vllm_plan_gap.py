@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vllm import moe_layers, shape_dir, shutdown, timed_round, write_plan  # noqa: E402
+from bench_vllm import bench_prompts, mixed_ks, moe_layers, shape_dir, shutdown, timed_round, write_plan  # noqa: E402
 
 ROW = re.compile(r"^\s*(\S.*?)\s{2,}(-?[\d.]+)%\s+([\d.]+)(us|ms|s)\s+")
 
@@ -59,18 +59,15 @@ def main() -> int:
     a = ap.parse_args()
 
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     tmp = Path(tempfile.mkdtemp(prefix="vllm-gap-"))
     model_dir = shape_dir(a.shape, tmp / "model")
     cfg = json.loads((model_dir / "config.json").read_text())
     n = len(moe_layers(cfg))
     k = a.k
-    mixed = lambda j, n: k + (1 if j % 2 == 0 else -1) if not (n % 2 and j == n - 1) else k  # noqa: E731
-    rev = lambda j, n: k + (-1 if j % 2 == 0 else 1) if not (n % 2 and j == n - 1) else k  # noqa: E731
     plans = {"plan_uniform": write_plan(model_dir, lambda j, n: k, tmp / "u.json", f"uniform k={k}"),
-             "plan_mixed": write_plan(model_dir, mixed, tmp / "m.json", f"k+1, k-1 around {k}"),
-             "plan_mixed_rev": write_plan(model_dir, rev, tmp / "r.json", f"k-1, k+1 around {k}")}
+             "plan_mixed": write_plan(model_dir, mixed_ks(k), tmp / "m.json", f"k+1, k-1 around {k}"),
+             "plan_mixed_rev": write_plan(model_dir, mixed_ks(k, -1), tmp / "r.json", f"k-1, k+1 around {k}")}
     common = dict(model=str(model_dir), dtype=a.dtype, max_model_len=a.prompt_len + a.max_tokens + 8, seed=0,
                   max_num_seqs=a.concurrency, enable_prefix_caching=False, enforce_eager=a.eager,
                   max_num_batched_tokens=max(1024, a.prompt_len + a.max_tokens), load_format="dummy",
@@ -89,8 +86,7 @@ def main() -> int:
         engines[name] = LLM(**common, **kw, profiler_config=prof)
     sp = SamplingParams(temperature=0.0, max_tokens=a.max_tokens, ignore_eos=True)
     vocab = cfg["vocab_size"]
-    prompts = [TokensPrompt(prompt_token_ids=[(7 + 31 * i + 17 * j) % (vocab - 10) + 5 for j in range(a.prompt_len)])
-               for i in range(a.concurrency)]
+    prompts = bench_prompts(vocab, a.concurrency, a.prompt_len)
     names = list(engines)
     for name in names:  # warm-up: compile / first-call costs out of the timed rounds
         timed_round(engines[name], prompts, sp, f"warm-{name}")
